@@ -1,0 +1,171 @@
+"""Model and tokenizer loading with clear errors and safe defaults.
+
+Safe defaults: safetensors only, ``trust_remote_code=False`` unless the caller opts in,
+weights materialised directly in the target dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    num_labels: int
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"``: bf16 on CUDA with bf16 support, else fp16 on CUDA/MPS, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"dtype must be 'auto', one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}"
+        ) from None
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or os.path.splitdrive(name)[0] != ""
+    )
+
+
+def _explain(name: str, err: Exception) -> str:
+    if _looks_like_path(name) or os.path.exists(name):
+        return f"could not load a model from the local path {name!r}: {err}"
+    return (
+        f"could not load {name!r} from the Hugging Face Hub ({err.__class__.__name__}: {err}). "
+        "If this machine has no network, download the model elsewhere and pass its local "
+        "directory, e.g. Reranker('/models/bge-reranker-v2-m3'), or set HF_HUB_OFFLINE=1 to "
+        "load it from the local Hugging Face cache."
+    )
+
+
+def load(
+    name_or_path: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a sequence-classification checkpoint and its fast tokenizer onto ``device``."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError("model must be a non-empty hub id or local directory path")
+    expanded = os.path.expanduser(name_or_path)
+    if _looks_like_path(name_or_path) and not os.path.exists(expanded):
+        raise ModelLoadError(f"model path {name_or_path!r} does not exist")
+    if os.path.exists(expanded):
+        name_or_path = expanded
+    hub: dict[str, Any] = {
+        "revision": revision,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+        "trust_remote_code": trust_remote_code,
+    }
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, **hub)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_explain(name_or_path, err)) from err
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelLoadError(
+            f"{name_or_path!r} is a {', '.join(architectures)} checkpoint, not a "
+            "sequence-classification model (cross-encoder); crossrank needs a reranker such as "
+            "BAAI/bge-reranker-v2-m3"
+        )
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path,
+            config=config,
+            dtype=dtype,
+            use_safetensors=True,
+            output_loading_info=True,
+            **hub,
+        )
+    except (OSError, ValueError) as err:
+        if "safetensors" in str(err).lower() or "model.safetensors" in str(err):
+            raise ModelLoadError(
+                f"{name_or_path!r} has no safetensors weights; crossrank loads safetensors only "
+                "(pickled .bin weights can run code). Convert the checkpoint with "
+                "model.save_pretrained(path, safe_serialization=True)."
+            ) from err
+        raise ModelLoadError(_explain(name_or_path, err)) from err
+    missing = [k for k in info.get("missing_keys", []) if k]
+    if missing:
+        raise ModelLoadError(
+            f"{name_or_path!r} is not a sequence-classification checkpoint: its weights lack "
+            f"{', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''}"
+        )
+    num_labels = int(model.config.num_labels)
+    if num_labels not in (1, 2):
+        raise ModelLoadError(
+            f"{name_or_path!r} has {num_labels} labels; a reranker has one relevance logit "
+            "(or two labels: not relevant / relevant)"
+        )
+    model.to(device)
+    model.eval()
+    logger.info("loaded %s on %s as %s", name_or_path, device, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, num_labels=num_labels)

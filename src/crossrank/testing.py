@@ -1,0 +1,56 @@
+"""Build random-weight rerankers of a real architecture, for tests, benchmarks and offline demos.
+
+No model weights can be downloaded in CI or on air-gapped machines, but the architecture
+(``config.json``) and tokenizer of a real reranker are small. A random-weight model built from
+them runs at exactly the real model's speed and exercises every code path; its scores are
+meaningless, which is why everything built here is labelled as random.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+SHARED_ENV = "CROSSRANK_SHARED"
+SKELETON = "models/bge-reranker-v2-m3-skeleton"
+
+
+def shared_dir() -> Path | None:
+    """The project's shared asset folder (``$CROSSRANK_SHARED``, else ``../shared``) if present."""
+    candidates = [os.environ.get(SHARED_ENV)] if os.environ.get(SHARED_ENV) else []
+    candidates.append(str(Path(__file__).resolve().parents[3] / "shared"))
+    candidates.append(str(Path.cwd().parent / "shared"))
+    for candidate in candidates:
+        if candidate and (Path(candidate) / SKELETON).is_dir():
+            return Path(candidate)
+    return None
+
+
+def build_random_reranker(
+    out_dir: str | os.PathLike[str],
+    skeleton_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Save a random-weight sequence-classification model and its tokenizer to ``out_dir``.
+
+    ``skeleton_dir`` holds a ``config.json`` and tokenizer files (no weights). Keyword
+    arguments override config fields, e.g. ``num_hidden_layers=2, hidden_size=64,
+    num_attention_heads=4, intermediate_size=128`` for a tiny test model.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.from_pretrained(skeleton_dir, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(skeleton_dir, use_fast=True).save_pretrained(out)
+    (out / "RANDOM_WEIGHTS.txt").write_text(
+        "This model has random weights built by crossrank.testing; its scores are meaningless.\n"
+    )
+    return out

@@ -1,0 +1,166 @@
+"""Batched pair tokenization into a flat token buffer.
+
+The fast tokenizer encodes all pairs of a call in one Rust call. The result is stored as one
+flat ``int64`` array plus per-pair offsets and lengths, so that padded batches (CPU and
+reference path) and packed batches (GPU varlen path) are both cut out of it with vectorised
+numpy indexing rather than a Python loop over pairs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from crossrank.validation import scrub_surrogates
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Token ids of ``n`` (query, document) pairs, flattened.
+
+    Pair ``i`` occupies ``ids[offsets[i] : offsets[i] + lengths[i]]``. ``type_ids`` is set only
+    for models that take ``token_type_ids`` (BERT-style cross-encoders).
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    type_ids: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def take(self, rows: np.ndarray) -> EncodedPairs:
+        """A compact copy holding only ``rows``, in that order."""
+        lengths = self.lengths[rows]
+        index = _ranges(self.offsets[rows], lengths)
+        offsets = np.zeros(len(rows), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        type_ids = None if self.type_ids is None else self.type_ids[index]
+        return EncodedPairs(self.ids[index], offsets, lengths, type_ids)
+
+    @staticmethod
+    def concat(parts: Sequence[EncodedPairs]) -> EncodedPairs:
+        """Join several encodings into one (pairs keep their order, part after part)."""
+        if len(parts) == 1:
+            return parts[0]
+        lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        ids = np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int64)
+        type_ids = None
+        if parts and parts[0].type_ids is not None:
+            type_ids = np.concatenate([p.type_ids for p in parts if p.type_ids is not None])
+        return EncodedPairs(ids, offsets, lengths, type_ids)
+
+    def padded(self, rows: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+        """Right-padded ``input_ids``/``attention_mask`` (and ``token_type_ids``) for ``rows``."""
+        lengths = self.lengths[rows]
+        width = int(lengths.max())
+        positions = np.arange(width)
+        mask = positions[None, :] < lengths[:, None]
+        index = np.minimum(self.offsets[rows][:, None] + positions[None, :], len(self.ids) - 1)
+        out = {
+            "input_ids": np.where(mask, self.ids[index], pad_id),
+            "attention_mask": mask.astype(np.int64),
+        }
+        if self.type_ids is not None:
+            out["token_type_ids"] = np.where(mask, self.type_ids[index], 0)
+        return out
+
+    def packed(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenated ids of ``rows`` and their int32 cumulative sequence lengths."""
+        lengths = self.lengths[rows]
+        cu_seqlens = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu_seqlens[1:])
+        return self.ids[_ranges(self.offsets[rows], lengths)], cu_seqlens
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for each (s, n), without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    within = np.arange(total) - np.repeat(ends - lengths, lengths)
+    return np.repeat(starts, lengths) + within
+
+
+def _flatten(rows: list[list[int]], count: int) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=count)
+
+
+class PairTokenizer:
+    """Thread-safe wrapper around a fast tokenizer that encodes (query, document) pairs.
+
+    Queries are capped at ``query_max_length`` tokens (tokenized once per distinct query, cut
+    at the character end of the last kept token); documents are truncated to fill the rest of
+    ``max_length`` (``truncation="only_second"``), exactly as
+    ``tokenizer(query, document, truncation="only_second", max_length=max_length)`` does.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, *, max_length: int, query_max_length: int
+    ) -> None:
+        if not tokenizer.is_fast:
+            raise ValueError("crossrank needs a fast (Rust) tokenizer; this checkpoint has none")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.query_max_length = query_max_length
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.returns_type_ids = "token_type_ids" in tokenizer.model_input_names
+        self.special_tokens_in_pair = tokenizer.num_special_tokens_to_add(pair=True)
+        if query_max_length + self.special_tokens_in_pair >= max_length:
+            raise ValueError(
+                f"query_max_length={query_max_length} leaves no room for the document within "
+                f"max_length={max_length} ({self.special_tokens_in_pair} special tokens per pair)"
+            )
+        # The Rust tokenizer keeps mutable truncation/padding state: one call at a time.
+        self._lock = threading.Lock()
+
+    def cap_queries(self, queries: Sequence[str]) -> list[str]:
+        """Cut each query to its first ``query_max_length`` tokens (returned as text)."""
+        enc = self.tokenizer(
+            list(queries),
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        capped = list(queries)
+        for i, offsets in enumerate(enc["offset_mapping"]):
+            if len(offsets) > self.query_max_length:
+                capped[i] = queries[i][: offsets[self.query_max_length - 1][1]]
+        return capped
+
+    def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
+        """Encode pair ``i`` = ``(queries[i], documents[i])``; callers pass validated input."""
+        queries = scrub_surrogates(queries)
+        documents = scrub_surrogates(documents)
+        with self._lock:
+            distinct = list(dict.fromkeys(queries))
+            capped = dict(zip(distinct, self.cap_queries(distinct), strict=False))
+            enc = self.tokenizer(
+                [capped[q] for q in queries],
+                documents,
+                truncation="only_second",
+                max_length=self.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=self.returns_type_ids,
+            )
+        input_ids: list[list[int]] = enc["input_ids"]
+        lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        offsets = np.zeros(len(input_ids), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        total = int(lengths.sum())
+        type_ids = _flatten(enc["token_type_ids"], total) if self.returns_type_ids else None
+        return EncodedPairs(_flatten(input_ids, total), offsets, lengths, type_ids)

@@ -1,0 +1,82 @@
+"""Input checks shared by the engine, the adapters and the server.
+
+Every error names the offending item (its index or field) so that a caller with a list of
+a thousand documents can find the bad one; nothing is silently dropped or re-indexed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def check_query(query: Any, *, name: str = "query") -> str:
+    """Return ``query`` if it is a non-blank ``str``; raise ``TypeError``/``ValueError`` otherwise."""
+    if not isinstance(query, str):
+        raise TypeError(f"{name} must be a str, got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError(f"{name} must not be empty or whitespace only")
+    return query
+
+
+def check_documents(documents: Any, *, name: str = "documents") -> list[str]:
+    """Return ``documents`` as a list of ``str``.
+
+    Empty strings are valid documents (they are scored, not dropped). A bare ``str`` is
+    rejected because iterating it would silently rank single characters.
+    """
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of str, got {type(documents).__name__}")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(doc).__name__}")
+    return list(documents)
+
+
+def check_pairs(pairs: Any) -> tuple[list[str], list[str]]:
+    """Split ``[(query, document), ...]`` into two lists, naming the first bad pair."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (list, tuple)):
+        raise TypeError(
+            f"pairs must be a list or tuple of (query, document), got {type(pairs).__name__}"
+        )
+    queries: list[str] = []
+    documents: list[str] = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise TypeError(f"pairs[{i}] must be a (query, document) pair")
+        query, document = pair
+        check_query(query, name=f"pairs[{i}][0]")
+        if not isinstance(document, str):
+            raise TypeError(f"pairs[{i}][1] must be a str, got {type(document).__name__}")
+        queries.append(query)
+        documents.append(document)
+    return queries, documents
+
+
+def check_top_n(top_n: Any) -> int | None:
+    """``None`` keeps every document; otherwise a positive ``int`` (``bool`` is refused)."""
+    if top_n is None:
+        return None
+    if isinstance(top_n, bool) or not isinstance(top_n, int):
+        raise ValueError(f"top_n must be a positive int or None, got {top_n!r}")
+    if top_n <= 0:
+        raise ValueError(f"top_n must be a positive int or None, got {top_n}")
+    return top_n
+
+
+def scrub_surrogates(texts: Sequence[str]) -> list[str]:
+    """Replace lone UTF-16 surrogates (which cannot be encoded to UTF-8) with U+FFFD.
+
+    Python strings can hold them (e.g. from ``json.loads`` of ``"\\ud800"``), the Rust
+    tokenizer cannot; replacing one code point keeps every character offset unchanged.
+    """
+    out = list(texts)
+    if not _SURROGATES.search("".join(out)):  # one C-level scan in the common case
+        return out
+    for i, text in enumerate(out):
+        if _SURROGATES.search(text):
+            out[i] = _SURROGATES.sub("\ufffd", text)
+    return out
