@@ -118,25 +118,37 @@ class Reranker:
 
     # ----------------------------------------------------------------- public sync API
     def score(
-        self, query: str, documents: Sequence[str], *, show_progress: bool = False
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        normalize: bool | None = None,
+        show_progress: bool = False,
     ) -> np.ndarray:
-        """Score each document against ``query``; float32 array of shape ``(len(documents),)``."""
+        """Score each document against ``query``; float32 array of shape ``(len(documents),)``.
+
+        ``normalize`` overrides the instance setting for this call (``None`` keeps it).
+        """
         check_query(query)
         docs = check_documents(documents)
         if not docs:
             return np.zeros(0, dtype=np.float32)
-        return self._finish(
-            self._score_encoded(self.encode([query] * len(docs), docs), show_progress)
-        )
+        encoded = self.encode([query] * len(docs), docs)
+        return self._finish(self._score_encoded(encoded, show_progress), normalize)
 
     def score_pairs(
-        self, pairs: Sequence[tuple[str, str]], *, show_progress: bool = False
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        normalize: bool | None = None,
+        show_progress: bool = False,
     ) -> np.ndarray:
         """Score ``[(query, document), ...]``; float32 array in input order."""
         queries, docs = check_pairs(pairs)
         if not docs:
             return np.zeros(0, dtype=np.float32)
-        return self._finish(self._score_encoded(self.encode(queries, docs), show_progress))
+        encoded = self.encode(queries, docs)
+        return self._finish(self._score_encoded(encoded, show_progress), normalize)
 
     def rerank(
         self,
@@ -157,21 +169,25 @@ class Reranker:
         return self.to_results(docs, self.score(query, docs), top_n=top_n, threshold=threshold)
 
     # ---------------------------------------------------------------- public async API
-    async def ascore(self, query: str, documents: Sequence[str]) -> np.ndarray:
+    async def ascore(
+        self, query: str, documents: Sequence[str], *, normalize: bool | None = None
+    ) -> np.ndarray:
         """Async :meth:`score`: tokenization and forward passes run off the event loop, and
         concurrent calls are merged into shared forward passes."""
         check_query(query)
         docs = check_documents(documents)
         if not docs:
             return np.zeros(0, dtype=np.float32)
-        return await self._ascore([query] * len(docs), docs)
+        return await self._ascore([query] * len(docs), docs, normalize)
 
-    async def ascore_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    async def ascore_pairs(
+        self, pairs: Sequence[tuple[str, str]], *, normalize: bool | None = None
+    ) -> np.ndarray:
         """Async :meth:`score_pairs`."""
         queries, docs = check_pairs(pairs)
         if not docs:
             return np.zeros(0, dtype=np.float32)
-        return await self._ascore(queries, docs)
+        return await self._ascore(queries, docs, normalize)
 
     async def arerank(
         self,
@@ -272,12 +288,14 @@ class Reranker:
             out[rows] = self.forward(encoded.take(rows))
         return out
 
-    async def _ascore(self, queries: list[str], documents: list[str]) -> np.ndarray:
+    async def _ascore(
+        self, queries: list[str], documents: list[str], normalize: bool | None
+    ) -> np.ndarray:
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(None, self.encode, queries, documents)
-        return self._finish(await self.batcher().submit(encoded))
+        return self._finish(await self.batcher().submit(encoded), normalize)
 
-    def _finish(self, raw: np.ndarray) -> np.ndarray:
-        if not self.normalize:
+    def _finish(self, raw: np.ndarray, normalize: bool | None) -> np.ndarray:
+        if not (self.normalize if normalize is None else normalize):
             return raw
         return torch.sigmoid(torch.from_numpy(raw)).numpy().astype(np.float32, copy=False)
