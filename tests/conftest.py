@@ -13,16 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from crossrank.testing import SKELETON, build_random_reranker, shared_dir
-
-TINY = {
-    "num_hidden_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    # a wide init spreads the random scores so that rankings are not all ties
-    "initializer_range": 0.3,
-}
+from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir
 
 FALLBACK_SENTENCES = [
     "Mars is known as the Red Planet because of iron oxide on its surface.",
@@ -56,8 +47,13 @@ def _train_fallback_skeleton(path: Path) -> Path:
     fast = XLMRobertaTokenizerFast(tokenizer_object=tok, model_max_length=8192)
     fast.save_pretrained(path)
     XLMRobertaConfig(
-        vocab_size=len(fast), architectures=["XLMRobertaForSequenceClassification"], num_labels=1,
-        max_position_embeddings=8194, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        vocab_size=len(fast),
+        architectures=["XLMRobertaForSequenceClassification"],
+        num_labels=1,
+        max_position_embeddings=8194,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
     ).save_pretrained(path)
     return path
 
@@ -71,7 +67,9 @@ def shared() -> Path | None:
 def real_tokenizer_dir(shared: Path | None) -> Path:
     """The real XLM-R tokenizer and bge-reranker-v2-m3 config; skips when ../shared is absent."""
     if shared is None:
-        pytest.skip("../shared (or $CROSSRANK_SHARED) is absent: the real XLM-R tokenizer is unavailable")
+        pytest.skip(
+            "../shared (or $CROSSRANK_SHARED) is absent: the real XLM-R tokenizer is unavailable"
+        )
     return shared / SKELETON
 
 
@@ -85,7 +83,9 @@ def skeleton_dir(shared: Path | None, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def tiny_model_dir(skeleton_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide random XLMRobertaForSequenceClassification with the real tokenizer."""
-    return build_random_reranker(tmp_path_factory.mktemp("tiny-reranker"), skeleton_dir, **TINY)
+    return build_random_reranker(
+        tmp_path_factory.mktemp("tiny-reranker"), skeleton_dir, **TINY_CONFIG
+    )
 
 
 @pytest.fixture(scope="session")

@@ -81,9 +81,9 @@ class Reranker:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.normalize = bool(normalize)
-        self.batch_tokens = int(batch_tokens or _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192))
-        if self.batch_tokens < max_length:
-            raise ValueError(f"batch_tokens={self.batch_tokens} must be >= max_length={max_length}")
+        if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
+            raise ValueError(f"batch_tokens must be a positive int or None, got {batch_tokens!r}")
+        self.batch_tokens = batch_tokens or _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192)
         loaded = load(
             model_name_or_path,
             device=self.device,
@@ -167,6 +167,8 @@ class Reranker:
         documents: Sequence[str],
         top_n: int | None = None,
         threshold: float | None = None,
+        *,
+        show_progress: bool = False,
     ) -> list[RerankResult]:
         """Rank ``documents`` for ``query``, best first.
 
@@ -177,7 +179,8 @@ class Reranker:
         top_n = check_top_n(top_n)
         docs = check_documents(documents)
         check_query(query)
-        return self.to_results(docs, self.score(query, docs), top_n=top_n, threshold=threshold)
+        scores = self.score(query, docs, show_progress=show_progress)
+        return self.to_results(docs, scores, top_n=top_n, threshold=threshold)
 
     # ---------------------------------------------------------------- public async API
     async def ascore(

@@ -16,6 +16,16 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 SHARED_ENV = "CROSSRANK_SHARED"
+
+#: Config overrides for a tiny (2-layer, 64-wide) test model of any BERT/XLM-R architecture.
+#: The wide init spreads random scores so rankings are not all ties.
+TINY_CONFIG: dict[str, Any] = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "initializer_range": 0.3,
+}
 SKELETON = "models/bge-reranker-v2-m3-skeleton"
 
 
