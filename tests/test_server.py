@@ -13,8 +13,8 @@ import cohere
 import httpx
 import numpy as np
 import pytest
-from _server_helpers import metric, wait_until
 
+from _server_helpers import metric, wait_until
 from crossrank import Reranker
 from crossrank.loading import ModelLoadError
 from crossrank.server import ServerSettings, create_app
@@ -125,9 +125,20 @@ def test_max_tokens_per_doc(server, reranker):
     assert got["usage"]["total_tokens"] < full
 
 
-def test_unknown_fields_are_ignored(server):
+def test_unknown_fields_and_null_options(server):
     body = {"query": QUERY, "documents": DOCS, "priority": 0, "relevant_spans": None, "x": [1]}
     assert post(server, "/v2/rerank", body).status_code == 200
+    # a Jina-style body: explicit nulls, documents back
+    jina = {
+        "model": "jina-reranker-v2",
+        "query": QUERY,
+        "documents": DOCS,
+        "top_n": None,
+        "return_documents": True,
+    }
+    results = post(server, "/v1/rerank", jina).json()["results"]
+    assert [x["document"]["text"] for x in results] == [DOCS[x["index"]] for x in results]
+    assert len(results) == len(DOCS)
 
 
 # ---------------------------------------------------------------------------------- TEI shape
@@ -140,8 +151,9 @@ def test_tei_shape(server, reranker):
         assert item["score"] == pytest.approx(float(want[item["index"]]), abs=1e-5)
     assert_best_first([x["score"] for x in got])
 
-    raw = post(server, "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True,
-                                   "return_text": True}).json()
+    raw = post(
+        server, "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True}
+    ).json()
     want_raw = expected(reranker, normalize=False)
     for item in raw:
         assert item["score"] == pytest.approx(float(want_raw[item["index"]]), abs=1e-4)
@@ -181,18 +193,30 @@ def test_tei_truncate_false_refuses_overlong_pairs(server, reranker):
         ("/v2/rerank", {"query": QUERY, "documents": "a"}, 422, "documents: must be a list"),
         ("/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 0}, 422, "top_n: "),
         ("/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": True}, 422, "top_n: "),
-        ("/v1/rerank", {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": -1}, 422,
-         "max_tokens_per_doc: "),
+        (
+            "/v1/rerank",
+            {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": -1},
+            422,
+            "max_tokens_per_doc: ",
+        ),
         ("/rerank", {"query": QUERY, "texts": ["a", None]}, 422, "texts[1]: "),
-        ("/rerank", {"query": QUERY, "texts": ["a"], "truncation_direction": "Left"}, 422,
-         "truncation_direction"),
+        (
+            "/rerank",
+            {"query": QUERY, "texts": ["a"], "truncation_direction": "Left"},
+            422,
+            "truncation_direction",
+        ),
         ("/v2/rerank", {"query": "", "documents": DOCS}, 400, "query must not be empty"),
         ("/v1/rerank", {"query": "  \n", "documents": DOCS}, 400, "query must not be empty"),
         ("/v2/rerank", {"query": QUERY, "documents": []}, 400, "documents must not be empty"),
         ("/rerank", {"query": QUERY, "texts": []}, 400, "texts must not be empty"),
         ("/rerank", {"query": "", "texts": ["a"]}, 400, "query must not be empty"),
-        ("/v2/rerank", {"query": QUERY, "documents": ["d"] * (MAX_DOCS + 1)}, 413,
-         f"documents has {MAX_DOCS + 1} items, more than this server's limit of {MAX_DOCS}"),
+        (
+            "/v2/rerank",
+            {"query": QUERY, "documents": ["d"] * (MAX_DOCS + 1)},
+            413,
+            f"documents has {MAX_DOCS + 1} items, more than this server's limit of {MAX_DOCS}",
+        ),
         ("/rerank", {"query": QUERY, "texts": ["d"] * (MAX_DOCS + 1)}, 413, "texts has"),
     ],
 )
@@ -204,16 +228,18 @@ def test_error_statuses_name_the_field(server, path, body, status, message):
 
 
 def test_invalid_json_is_422(server):
-    r = httpx.post(server.url + "/v2/rerank", content=b"{nope",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v2/rerank", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422
     assert "not valid JSON" in r.json()["message"]
 
 
 def test_oversized_body_is_413_with_and_without_content_length(server):
     body = ('{"query": "q", "documents": ["' + "x" * MAX_BODY + '"]}').encode()
-    r = httpx.post(server.url + "/v2/rerank", content=body,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v2/rerank", content=body, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
     assert f"limit of {MAX_BODY} bytes" in r.json()["message"]
 
@@ -221,8 +247,9 @@ def test_oversized_body_is_413_with_and_without_content_length(server):
         for i in range(0, len(body), 8192):
             yield body[i : i + 8192]
 
-    r = httpx.post(server.url + "/v2/rerank", content=chunks(),
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v2/rerank", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
     assert post(server, "/v2/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
 
@@ -230,8 +257,10 @@ def test_oversized_body_is_413_with_and_without_content_length(server):
 # ----------------------------------------------------------------------- other routes & probes
 def test_health_ready_models_docs_and_page(server, reranker):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(server.url + "/ready").json() == {"status": "ready",
-                                                       "model": reranker.model_name}
+    assert httpx.get(server.url + "/ready").json() == {
+        "status": "ready",
+        "model": reranker.model_name,
+    }
     models = httpx.get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == reranker.model_name
     assert httpx.get(server.url + "/docs").status_code == 200
@@ -278,8 +307,9 @@ def _recording_client(paths: list[str]) -> httpx.Client:
 
 def test_cohere_sdk_v2(server, reranker):
     paths: list[str] = []
-    co = cohere.ClientV2(api_key="unused", base_url=server.url,
-                         httpx_client=_recording_client(paths))
+    co = cohere.ClientV2(
+        api_key="unused", base_url=server.url, httpx_client=_recording_client(paths)
+    )
     res = co.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS, top_n=4)
     assert paths == ["/v2/rerank"]
     want = expected(reranker)
@@ -290,8 +320,7 @@ def test_cohere_sdk_v2(server, reranker):
 
 def test_cohere_sdk_v1(server, reranker):
     paths: list[str] = []
-    co = cohere.Client(api_key="unused", base_url=server.url,
-                       httpx_client=_recording_client(paths))
+    co = cohere.Client(api_key="unused", base_url=server.url, httpx_client=_recording_client(paths))
     res = co.rerank(query=QUERY, documents=DOCS, top_n=2, return_documents=True)
     assert paths == ["/v1/rerank"]
     want = expected(reranker)
@@ -305,8 +334,12 @@ def test_auth_required_on_api_routes_only(auth_server, caplog):
     caplog.set_level(logging.DEBUG)
     url = auth_server.url
     body = {"query": QUERY, "documents": DOCS}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
-                    {"Authorization": f"Basic {KEY}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": KEY},
+        {"Authorization": f"Basic {KEY}"},
+    ):
         for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
             r = httpx.post(url + path, json=body, headers=headers)
             assert r.status_code == 401, (path, headers)
@@ -317,8 +350,14 @@ def test_auth_required_on_api_routes_only(auth_server, caplog):
     assert httpx.post(url + "/v2/rerank", content=b"{nope").status_code == 401
     good = {"Authorization": f"Bearer {KEY}"}
     assert httpx.post(url + "/v2/rerank", json=body, headers=good).status_code == 200
-    assert httpx.post(url + "/rerank", json={"query": QUERY, "texts": DOCS},
-                      headers={"authorization": f"bearer {KEY}"}).status_code == 200
+    assert (
+        httpx.post(
+            url + "/rerank",
+            json={"query": QUERY, "texts": DOCS},
+            headers={"authorization": f"bearer {KEY}"},
+        ).status_code
+        == 200
+    )
     for open_path in ("/health", "/ready", "/metrics", "/", "/docs"):
         assert httpx.get(url + open_path).status_code == 200, open_path
     assert KEY not in caplog.text
@@ -371,3 +410,18 @@ def test_failed_load_is_reported():
         assert r.status_code == 503
         assert "failed to load: no such model" in r.json()["message"]
         assert httpx.get(srv.url + "/health").status_code == 200
+
+
+# ------------------------------------------------------------------ LlamaIndex TEI postprocessor
+def test_llama_index_tei_postprocessor(auth_server, tiny_reranker):
+    tei = pytest.importorskip("llama_index.postprocessor.tei_rerank")
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+    nodes = [NodeWithScore(node=TextNode(text=d), score=0.0) for d in DOCS]
+    post = tei.TextEmbeddingInference(base_url=auth_server.url, top_n=3, auth_token=f"Bearer {KEY}")
+    ranked = post.postprocess_nodes(nodes, QueryBundle(QUERY))
+    want = tiny_reranker.score(QUERY, DOCS)
+    best = np.argsort(-want, kind="stable")[:3]
+    assert [n.node.get_content() for n in ranked] == [DOCS[i] for i in best]
+    for node, i in zip(ranked, best, strict=True):
+        assert node.score == pytest.approx(float(want[i]), abs=1e-5)

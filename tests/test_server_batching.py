@@ -13,8 +13,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from _server_helpers import SpyReranker, metric, wait_until
 
+from _server_helpers import SpyReranker, metric, wait_until
 from crossrank.server import ServerSettings, create_app
 from crossrank.server.runner import BackgroundServer
 
@@ -129,8 +129,13 @@ async def test_cancelled_request_pairs_never_reach_the_model(spy):
         def scrape() -> str:
             return httpx.get(srv.url + "/metrics").text
 
-        wait_until(lambda: metric(scrape(), "crossrank_http_requests_total",
-                                  route="/v2/rerank", status="499") == 1, what="a 499")
+        wait_until(
+            lambda: (
+                metric(scrape(), "crossrank_http_requests_total", route="/v2/rerank", status="499")
+                == 1
+            ),
+            what="a 499",
+        )
         seen = spy.pairs_seen
         time.sleep(0.5)
         assert spy.pairs_seen == seen < len(docs) / 2
@@ -163,8 +168,7 @@ async def test_timeout_is_504_and_drops_the_pending_pairs(spy):
     with serving(spy, batch_tokens=512, request_timeout=0.5) as srv:
         spy.delay = 0.2
         docs = docs_of(200)
-        r = httpx.post(srv.url + "/v2/rerank", json={"query": QUERY, "documents": docs},
-                       timeout=60)
+        r = httpx.post(srv.url + "/v2/rerank", json={"query": QUERY, "documents": docs}, timeout=60)
         assert r.status_code == 504
         assert "limit of 0.5 s" in r.json()["message"]
         time.sleep(0.5)
@@ -182,8 +186,9 @@ async def test_failing_forward_is_500_and_the_server_keeps_serving(spy):
         assert "injected" not in r.text  # internals stay in the log
         spy.fail = False
         docs = docs_of(4)
-        check(spy, QUERY, docs, httpx.post(srv.url + "/rerank",
-                                           json={"query": QUERY, "texts": docs}))
+        check(
+            spy, QUERY, docs, httpx.post(srv.url + "/rerank", json={"query": QUERY, "texts": docs})
+        )
         text = httpx.get(srv.url + "/metrics").text
         assert metric(text, "crossrank_http_requests_total", route="/v2/rerank", status="500") == 1
         assert np.isclose(metric(text, "crossrank_pairs_scored_total"), 4)

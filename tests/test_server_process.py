@@ -16,9 +16,9 @@ import uuid
 import httpx
 import pytest
 import typer
-from _server_helpers import metric, wait_until
 from typer.testing import CliRunner
 
+from _server_helpers import metric, wait_until
 from crossrank.server.cli import serve
 
 pytestmark = pytest.mark.timeout(300)
@@ -47,9 +47,19 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_model_dir):
     key = "sk-" + uuid.uuid4().hex
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start("--model", str(tiny_model_dir), "--port", str(port), "--device", "cpu",
-                 "--max-batch-tokens", "512", env={"CROSSRANK_API_KEY": key})
+    proc = start(
+        "--model",
+        str(tiny_model_dir),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-batch-tokens",
+        "512",
+        env={"CROSSRANK_API_KEY": key},
+    )
     try:
+
         def ready() -> bool:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             try:
@@ -59,21 +69,29 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_model_dir):
 
         wait_until(ready, timeout=180, what="the server to be ready")
         auth = {"Authorization": f"Bearer {key}"}
-        assert httpx.post(url + "/v2/rerank", json={"query": "q", "documents": ["d"]}
-                          ).status_code == 401
+        assert (
+            httpx.post(url + "/v2/rerank", json={"query": "q", "documents": ["d"]}).status_code
+            == 401
+        )
         docs = [f"document {i} about the red planet and its iron oxide dust" for i in range(200)]
         finished: list[tuple[int, int, float]] = []
 
         def client() -> None:
-            r = httpx.post(url + "/v2/rerank", json={"query": "red planet", "documents": docs},
-                           headers=auth, timeout=240)
+            r = httpx.post(
+                url + "/v2/rerank",
+                json={"query": "red planet", "documents": docs},
+                headers=auth,
+                timeout=240,
+            )
             finished.append((r.status_code, len(r.json().get("results", [])), time.monotonic()))
 
         threads = [threading.Thread(target=client) for _ in range(3)]
         for t in threads:
             t.start()
-        wait_until(lambda: metric(httpx.get(url + "/metrics").text,
-                                  "crossrank_queue_depth_pairs") > 0, what="queued work")
+        wait_until(
+            lambda: metric(httpx.get(url + "/metrics").text, "crossrank_queue_depth_pairs") > 0,
+            what="queued work",
+        )
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:

@@ -309,8 +309,9 @@ async def _score(
         raise HTTPException(400, f"{field} must not be empty")
     if len(texts) > settings.max_docs:
         raise HTTPException(
-            413, f"{field} has {len(texts)} items, more than this server's limit of "
-            f"{settings.max_docs} (--max-docs)"
+            413,
+            f"{field} has {len(texts)} items, more than this server's limit of "
+            f"{settings.max_docs} (--max-docs)",
         )
 
     async def work() -> tuple[np.ndarray, int]:
@@ -330,8 +331,9 @@ async def _score(
         raise HTTPException(429, f"server busy, retry later: {err}", headers=retry) from None
     except asyncio.TimeoutError:
         raise HTTPException(
-            504, f"scoring took longer than this server's limit of {settings.request_timeout} s "
-            "(--request-timeout)"
+            504,
+            f"scoring took longer than this server's limit of {settings.request_timeout} s "
+            "(--request-timeout)",
         ) from None
 
 
@@ -342,16 +344,18 @@ async def _refuse_overlong(reranker: Reranker, query: str, texts: list[str], fie
     counts = await loop.run_in_executor(None, tokenizer.token_counts, [query, *texts])
     if counts[0] > tokenizer.query_max_length:
         raise HTTPException(
-            413, f"query has {counts[0]} tokens, more than the limit of "
-            f"{tokenizer.query_max_length}; send truncate: true to truncate it"
+            413,
+            f"query has {counts[0]} tokens, more than the limit of "
+            f"{tokenizer.query_max_length}; send truncate: true to truncate it",
         )
     pair_lengths = counts[0] + counts[1:] + tokenizer.special_tokens_in_pair
     over = np.flatnonzero(pair_lengths > tokenizer.max_length)
     if len(over):
         i = int(over[0])
         raise HTTPException(
-            413, f"{field}[{i}] makes a pair of {int(pair_lengths[i])} tokens with the query, "
-            f"more than max_length={tokenizer.max_length}; send truncate: true to truncate it"
+            413,
+            f"{field}[{i}] makes a pair of {int(pair_lengths[i])} tokens with the query, "
+            f"more than max_length={tokenizer.max_length}; send truncate: true to truncate it",
         )
 
 

@@ -34,9 +34,7 @@ def serve(
     ] = 1000,
     max_batch_tokens: Annotated[
         int | None,
-        typer.Option(
-            min=8, help="Tokens per forward pass, padding included (default: by device)."
-        ),
+        typer.Option(min=8, help="Tokens per forward pass, padding included (default: by device)."),
     ] = None,
     max_queue: Annotated[
         int, typer.Option(min=1, help="Most pairs waiting to be scored (more is a 429).")
@@ -55,7 +53,7 @@ def serve(
     from crossrank.server.runner import run_server
     from crossrank.server.settings import ServerSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("crossrank").setLevel(logging.INFO)  # show loading and readiness
     try:
         settings = ServerSettings(
             api_key=api_key,

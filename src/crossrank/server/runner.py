@@ -57,7 +57,9 @@ class BackgroundServer:
         self.server = uvicorn.Server(
             uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
         )
-        self._thread = threading.Thread(target=self.server.run, name="crossrank-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, name="crossrank-server", daemon=True
+        )
         self.url = ""
 
     def start(self, timeout: float = 30.0) -> BackgroundServer:
