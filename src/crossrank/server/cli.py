@@ -19,7 +19,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Interface to bind; loopback only unless told otherwise.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(
