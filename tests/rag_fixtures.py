@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from crossrank import Reranker, RerankResult
+from crossrank.registry import get_reranker
 
 N_PASSAGES = 60
 
@@ -44,6 +45,13 @@ def minilm() -> Any:
 def model_path(tiny_model_dir: Any) -> str:
     """The tiny random reranker as adapters name it (a local path)."""
     return str(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_engine(model_path: str) -> Reranker:
+    """The registry's engine for ``model=model_path, device="cpu"``: what adapters built with
+    those options use (loaded here once for the session)."""
+    return get_reranker(model_path, device="cpu")
 
 
 class SpanReranker(Reranker):

@@ -49,7 +49,8 @@ def get_reranker(model: str = DEFAULT_MODEL, **options: Any) -> Reranker:
     ``dtype``, ``max_length``, ``batch_tokens``, ...). Calls with the same configuration,
     from any thread, get the same instance; a configuration is loaded at most once even when
     many threads ask for it at the same moment, while different configurations load in
-    parallel. Engines stay loaded until :func:`clear_registry`.
+    parallel. Engines stay loaded for the life of the process; to control an engine's
+    lifetime, build a :class:`Reranker` yourself and hand it to the adapters instead.
     """
     key = _registry_key(model, **options)
     engine = _engines.get(key)
@@ -65,13 +66,3 @@ def get_reranker(model: str = DEFAULT_MODEL, **options: Any) -> Reranker:
             with _registry_lock:
                 _engines[key] = engine
         return engine
-
-
-def clear_registry() -> None:
-    """Forget every shared engine so its memory can be freed once no adapter still holds it.
-
-    Engines already handed out keep working; the next :func:`get_reranker` loads afresh.
-    """
-    with _registry_lock:
-        _engines.clear()
-        _key_locks.clear()
