@@ -132,7 +132,10 @@ class RankingConfig(EngineConfig):
     top_n: int | None = Field(default=5, description="Results to keep; None keeps all.")
     score_threshold: float | None = Field(
         default=None,
-        description="Keep results scoring >= this (normalized scores, in [0, 1]); None keeps all.",
+        description=(
+            "Keep results scoring >= this; None keeps all. Scores are probabilities in [0, 1] "
+            "unless a Reranker built with normalize=False is passed as model."
+        ),
     )
 
     @field_validator("top_n", mode="before")
