@@ -20,7 +20,7 @@ import pytest
 
 from crossrank import Reranker
 from crossrank import cache as cache_module
-from crossrank.cache import CacheStats, MemoryCache, RedisCache
+from crossrank.cache import CacheStats, MemoryCache, RedisCache, ScoreCache
 
 QUERY = "Which planet is known as the Red Planet?"
 DOCS = [
@@ -50,8 +50,13 @@ def _count_rows(monkeypatch: pytest.MonkeyPatch, reranker: Reranker) -> list[int
 
 
 @pytest.fixture(scope="module")
-def memory_reranker(tiny_model_dir: Path) -> Reranker:
-    return Reranker(str(tiny_model_dir), device="cpu", cache="memory")
+def memory_cache() -> MemoryCache:
+    return MemoryCache()
+
+
+@pytest.fixture(scope="module")
+def memory_reranker(tiny_model_dir: Path, memory_cache: MemoryCache) -> Reranker:
+    return Reranker(str(tiny_model_dir), device="cpu", cache=memory_cache)
 
 
 def test_only_misses_reach_the_model_and_scores_equal_uncached(
@@ -132,14 +137,17 @@ def test_chunk_mode_caches_scores_and_spans(tiny_model_dir, monkeypatch):
     rows.clear()
     assert cached.rerank(QUERY, docs) == expected  # all hits, spans included
     assert asyncio.run(cached.arerank(QUERY, docs)) == expected
+    assert cached.rerank(QUERY, []) == []
     assert rows == []
     spans = {r.index: r.best_span for r in expected}
     assert spans[3] == (0, 0)
     assert 0 < spans[0][1] - spans[0][0] < len(LONG)  # one window of the long document
 
 
-def test_key_covers_settings_query_and_document_but_not_normalize(memory_reranker, tiny_model_dir):
-    shared = memory_reranker._cache.backend  # another engine can share a Cache object
+def test_key_covers_settings_query_and_document_but_not_normalize(
+    memory_reranker, memory_cache, tiny_model_dir
+):
+    shared = memory_cache  # engines can share a Cache object
     docs = [f"{doc} (keys)" for doc in DOCS]
     size = len(shared)
     memory_reranker.score(QUERY, docs)
@@ -156,7 +164,7 @@ def test_key_covers_settings_query_and_document_but_not_normalize(memory_reranke
     memory_reranker.score(QUERY, [docs[0] + " "])
     assert len(shared) == size + 3
     # a (query, document) split differently must not collide
-    keys = memory_reranker._cache.keys(["ab", "a"], ["c", "bc"])
+    keys = ScoreCache(shared, "model", with_spans=False).keys(["ab", "a"], ["c", "bc"])
     assert keys[0] != keys[1]
 
 
@@ -314,10 +322,10 @@ def test_redis_url_password_is_not_shown():
 def test_redis_killed_mid_run(redis_server, tiny_model_dir, tiny_reranker, caplog, monkeypatch):
     monkeypatch.setattr(cache_module, "BACKOFF_START", 0.3)
     url, kill = redis_server()
-    reranker = Reranker(str(tiny_model_dir), device="cpu", cache=url)
+    backend = RedisCache(url)
+    reranker = Reranker(str(tiny_model_dir), device="cpu", cache=backend)
     expected = tiny_reranker.score(QUERY, DOCS)
     np.testing.assert_allclose(reranker.score(QUERY, DOCS), expected, atol=1e-6)
-    backend = reranker._cache.backend
     calls: list[str] = []
     for name in ("get_many", "set_many"):
         method = getattr(backend, name)

@@ -64,8 +64,11 @@ def test_pair_template_matches_the_tokenizer(tokenizer):
 def _reference_windows(
     tokenizer, query: str, doc: str, max_length: int, chunk_tokens=None, overlap=None
 ):
-    """Windows cut with plain arithmetic: (input ids, (start, end) char span) per window."""
-    q = tokenizer(query, add_special_tokens=False)["input_ids"]
+    """Windows cut with plain arithmetic: (input ids, (start, end) char span) per window.
+
+    The query keeps its first ``max_length * 3 // 4`` tokens (the default query_max_length).
+    """
+    q = tokenizer(query, add_special_tokens=False)["input_ids"][: max_length * 3 // 4]
     d = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = d["input_ids"], d["offset_mapping"]
     room = max_length - len(q) - tokenizer.num_special_tokens_to_add(pair=True)
@@ -318,15 +321,28 @@ def test_chunk_tokens_with_mixed_queries_matches_the_reference(tiny64, reference
     ]
 
 
-def test_chunk_mode_with_only_short_docs_equals_truncate_mode_exactly(tiny64):
+def test_chunk_mode_with_only_short_docs_equals_truncate_mode_exactly(
+    tiny_model_dir, tiny_reranker
+):
     docs = [_filler(1), WEAK, RELEVANT, "", "短い文書です。", _filler(2, offset=3)[:90]]
-    chunking, truncating = tiny64(long_docs="chunk", aggregate="max"), tiny64()
+    chunking, truncating = (
+        Reranker(str(tiny_model_dir), device="cpu", long_docs="chunk"),
+        tiny_reranker,
+    )
     assert len(chunking.encode([QUERY] * len(docs), docs)) == len(docs)  # all fit in one window
     np.testing.assert_array_equal(chunking.score(QUERY, docs), truncating.score(QUERY, docs))
     chunked, truncated = chunking.rerank(QUERY, docs), truncating.rerank(QUERY, docs)
     assert [(r.index, r.score) for r in chunked] == [(r.index, r.score) for r in truncated]
     for r in chunked:  # one window: the whole document
         assert r.document.strip() == r.document[slice(*r.best_span)].strip()
+
+
+def test_empty_input_in_chunk_mode(tiny64):
+    chunking = tiny64(long_docs="chunk", aggregate="max")
+    assert chunking.score(QUERY, []).shape == (0,)
+    assert chunking.rerank(QUERY, []) == []
+    assert asyncio.run(chunking.arerank(QUERY, [])) == []
+    assert chunking.score_pairs([]).shape == (0,)
 
 
 def test_window_must_advance():

@@ -64,10 +64,10 @@ class Reranker:
     ``max_length`` leaves after the query (capped at ``query_max_length`` tokens). With
     ``long_docs="chunk"`` a longer document is split into windows of ``chunk_tokens``
     document tokens (``None``: all that room) overlapping by ``chunk_overlap`` tokens
-    (``None``: an eighth of the window); every
-    window is scored in the same batches as the other pairs and the document's score is
-    ``aggregate`` over its windows: ``"max"`` (default), ``"mean"`` (of the raw logits) or
-    ``"first"`` (the leading window, which equals truncate mode).
+    (``None``: an eighth of the window); every window is scored in the same batches as the
+    other pairs and the document's score is ``aggregate`` over its windows: ``"max"``
+    (default), ``"mean"`` (of the raw logits) or ``"first"`` (the leading window, which
+    equals truncate mode).
     :attr:`RerankResult.best_span` then gives the ``(start, end)`` character offsets of the
     best-scoring window in the document (``None`` in truncate mode).
 

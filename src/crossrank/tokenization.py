@@ -180,18 +180,20 @@ class PairTokenizer:
         """Encode each pair as one row per document window (``pair_index``/``spans`` set).
 
         A window holds up to ``window_tokens`` document tokens (``None``: all the room
-        ``max_length`` leaves after the capped query) and starts ``overlap`` tokens (``None``:
-        an eighth of the window) before the previous one ends. A document that fits in one window gives exactly the row
-        :meth:`encode` gives. The fast tokenizer cuts the windows itself
-        (``return_overflowing_tokens`` with ``stride``), in one call per distinct window
-        layout: one call for the whole batch unless ``window_tokens`` is set and the
-        queries differ in length.
+        ``max_length`` leaves after the capped query) and starts ``overlap`` tokens
+        (``None``: an eighth of the window) before the previous one ends. A document that
+        fits in one window gives exactly the row :meth:`encode` gives. The fast tokenizer
+        cuts the windows itself (``return_overflowing_tokens`` with ``stride``) in one call
+        per window layout; pairs whose queries have the same token count share a layout, so
+        a call with one query is a single tokenizer call.
         """
         queries = scrub_surrogates(queries)
         documents = scrub_surrogates(documents)
         if not documents:
             empty = EncodedPairs.concat([])
-            return replace(empty, pair_index=empty.lengths, spans=np.zeros((0, 2), np.int64))
+            return replace(
+                empty, pair_index=np.zeros(0, np.int64), spans=np.zeros((0, 2), np.int64)
+            )
         with self._lock:
             capped = self._capped(queries)
             distinct = list(dict.fromkeys(capped))
