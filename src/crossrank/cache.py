@@ -54,7 +54,7 @@ class Cache(Protocol):
 
 
 class MemoryCache:
-    """In-process LRU cache holding at most ``maxsize`` entries (about 150 bytes each)."""
+    """In-process LRU cache holding at most ``maxsize`` entries (a few hundred bytes each)."""
 
     def __init__(self, maxsize: int = 100_000) -> None:
         try:
