@@ -1,5 +1,5 @@
 """Engine pieces the server relies on: per-call document cap, untruncated token counts, the
-two-step async path (aencode + ascore_encoded) and the queue limit set through batcher()."""
+raw async path with its token count (ascore_raw), and the queue limit set through batcher()."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from crossrank import Reranker
 from crossrank.batching import QueueFullError
 
 QUERY = "Which planet is known as the red planet?"
@@ -66,15 +67,32 @@ def test_token_counts_are_untruncated(tiny_reranker):
     assert counts[1] > tok.max_length
 
 
-async def test_aencode_then_ascore_encoded_equals_score(tiny_reranker):
-    encoded = await tiny_reranker.aencode([QUERY] * len(DOCS), DOCS, max_doc_tokens=9)
-    assert encoded.total_tokens == int(encoded.lengths.sum())
-    raw = await tiny_reranker.ascore_encoded(encoded, normalize=False)
-    np.testing.assert_allclose(
-        raw, tiny_reranker.score(QUERY, DOCS, normalize=False, max_doc_tokens=9), atol=1e-5
-    )
+async def test_ascore_raw_returns_raw_scores_and_tokens(tiny_reranker):
+    raw, tokens = await tiny_reranker.ascore_raw(QUERY, DOCS, max_doc_tokens=9)
+    want = tiny_reranker.score(QUERY, DOCS, normalize=False, max_doc_tokens=9)
+    np.testing.assert_allclose(raw, want, atol=1e-5)
+    capped = tiny_reranker.tokenizer.cap_documents(DOCS, 9)
+    assert tokens == tiny_reranker.encode([QUERY] * len(DOCS), capped).total_tokens
     probs = await tiny_reranker.ascore(QUERY, DOCS, max_doc_tokens=9)
     np.testing.assert_allclose(probs, tiny_reranker.sigmoid(raw), atol=1e-6)
+
+
+async def test_score_cache_is_keyed_by_the_cut_document(tiny_model_dir, tiny_reranker):
+    cached = Reranker(str(tiny_model_dir), device="cpu", cache="memory")
+    try:
+        full, tokens = await cached.ascore_raw(QUERY, DOCS)
+        assert tokens > 0
+        again, tokens = await cached.ascore_raw(QUERY, DOCS)
+        assert tokens == 0  # every pair came from the cache
+        np.testing.assert_array_equal(again, full)
+        cut, tokens = await cached.ascore_raw(QUERY, DOCS, max_doc_tokens=5)
+        assert tokens > 0  # the long documents, cut, are new pairs
+        np.testing.assert_allclose(
+            cut, tiny_reranker.score(QUERY, DOCS, normalize=False, max_doc_tokens=5), atol=1e-5
+        )
+        assert not np.allclose(cut[:2], full[:2])
+    finally:
+        cached.close()
 
 
 async def test_batcher_limit_is_set_on_the_existing_queue(tiny_reranker):

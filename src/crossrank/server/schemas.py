@@ -119,7 +119,9 @@ class RerankResultItem(BaseModel):
 
 
 class Usage(BaseModel):
-    total_tokens: int = Field(description="Tokens scored (pair tokens, special tokens included).")
+    total_tokens: int = Field(
+        description="Tokens the model computed (special tokens included; cache hits cost none)."
+    )
 
 
 class RerankResponse(BaseModel):
