@@ -7,6 +7,7 @@ cluster with GPUs, so a user never writes a distribution layer of their own.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import pyarrow as pa
@@ -71,6 +72,9 @@ def score_dataset(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    compute = _actor_pool(concurrency)
+    if os.path.exists(model):  # a relative path must mean the same in every actor
+        model = os.path.abspath(model)
     if num_gpus is None:
         num_gpus = 1.0 if cluster_has_gpus() else 0.0
     resources: dict[str, Any] = {"num_gpus": num_gpus}
@@ -80,7 +84,7 @@ def score_dataset(
         _DatasetScorer,
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=_actor_pool(concurrency),
+        compute=compute,
         fn_constructor_kwargs={
             "model": model,
             "columns": Columns(query_col, doc_col, out_col),
