@@ -104,7 +104,7 @@ class MicroBatcher:
         self._budget = batch_tokens
         self._packed = packed
         self._executor = executor
-        self._max_pending = max_pending_pairs
+        self.max_pending_pairs = max_pending_pairs
         self._observer = observer
         self._requests: deque[_Request] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -119,10 +119,9 @@ class MicroBatcher:
         n = len(encoded)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
-        if self._max_pending is not None and self.pending_pairs + n > self._max_pending:
-            raise QueueFullError(
-                f"queue full: {self.pending_pairs} pairs pending, limit {self._max_pending}"
-            )
+        limit = self.max_pending_pairs
+        if limit is not None and self.pending_pairs + n > limit:
+            raise QueueFullError(f"queue full: {self.pending_pairs} pairs pending, limit {limit}")
         loop = asyncio.get_running_loop()
         request = _Request(
             encoded=encoded,

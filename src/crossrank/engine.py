@@ -8,6 +8,7 @@ written back in input order -> optional sigmoid.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import weakref
@@ -23,7 +24,13 @@ from crossrank.loading import load, resolve_device, resolve_dtype
 from crossrank.result import RerankResult
 from crossrank.runners import Runner, TorchPaddedRunner
 from crossrank.tokenization import EncodedPairs, PairTokenizer
-from crossrank.validation import check_documents, check_pairs, check_query, check_top_n
+from crossrank.validation import (
+    check_documents,
+    check_optional_positive_int,
+    check_pairs,
+    check_query,
+    check_top_n,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,17 +130,21 @@ class Reranker:
         documents: Sequence[str],
         *,
         normalize: bool | None = None,
+        max_doc_tokens: int | None = None,
         show_progress: bool = False,
     ) -> np.ndarray:
         """Score each document against ``query``; float32 array of shape ``(len(documents),)``.
 
         ``normalize`` overrides the instance setting for this call (``None`` keeps it).
+        ``max_doc_tokens`` cuts each document to that many tokens first (``None``: only the
+        ``max_length`` pair budget applies).
         """
         check_query(query)
         docs = check_documents(documents)
+        check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
         if not docs:
             return np.zeros(0, dtype=np.float32)
-        encoded = self.encode([query] * len(docs), docs)
+        encoded = self.encode([query] * len(docs), docs, max_doc_tokens=max_doc_tokens)
         return self._finish(self._score_encoded(encoded, show_progress), normalize)
 
     def score_pairs(
@@ -173,15 +184,22 @@ class Reranker:
 
     # ---------------------------------------------------------------- public async API
     async def ascore(
-        self, query: str, documents: Sequence[str], *, normalize: bool | None = None
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        normalize: bool | None = None,
+        max_doc_tokens: int | None = None,
     ) -> np.ndarray:
         """Async :meth:`score`: tokenization and forward passes run off the event loop, and
         concurrent calls are merged into shared forward passes."""
         check_query(query)
         docs = check_documents(documents)
+        check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
         if not docs:
             return np.zeros(0, dtype=np.float32)
-        return await self._ascore([query] * len(docs), docs, normalize)
+        encoded = await self.aencode([query] * len(docs), docs, max_doc_tokens=max_doc_tokens)
+        return await self.ascore_encoded(encoded, normalize=normalize)
 
     async def ascore_pairs(
         self, pairs: Sequence[tuple[str, str]], *, normalize: bool | None = None
@@ -190,7 +208,32 @@ class Reranker:
         queries, docs = check_pairs(pairs)
         if not docs:
             return np.zeros(0, dtype=np.float32)
-        return await self._ascore(queries, docs, normalize)
+        return await self.ascore_encoded(await self.aencode(queries, docs), normalize=normalize)
+
+    async def aencode(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        *,
+        max_doc_tokens: int | None = None,
+    ) -> EncodedPairs:
+        """Async :meth:`encode`: tokenization runs in a worker thread, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, functools.partial(self.encode, queries, documents, max_doc_tokens=max_doc_tokens)
+        )
+
+    async def ascore_encoded(
+        self, encoded: EncodedPairs, *, normalize: bool | None = None
+    ) -> np.ndarray:
+        """Score already-encoded pairs through the shared micro-batching queue.
+
+        Callers that need the token counts (the server's ``usage``) encode first with
+        :meth:`aencode`, then score here. Raises :class:`~crossrank.batching.QueueFullError`
+        when the queue holds its maximum of pending pairs; cancelling the awaiting task drops
+        the pairs not yet sent to the model.
+        """
+        return self._finish(await self.batcher().submit(encoded), normalize)
 
     async def arerank(
         self,
@@ -222,14 +265,26 @@ class Reranker:
             order = order[:top_n]
         return [RerankResult(int(i), float(scores[i]), documents[i]) for i in order]
 
-    def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
+    def encode(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        *,
+        max_doc_tokens: int | None = None,
+    ) -> EncodedPairs:
         """Tokenize validated pairs (one batched fast-tokenizer call)."""
-        return self.tokenizer.encode(queries, documents)
+        return self.tokenizer.encode(queries, documents, max_doc_tokens=max_doc_tokens)
 
     def batcher(self, max_pending_pairs: int | None = None) -> MicroBatcher:
-        """The micro-batching queue of the running event loop (created on first use)."""
+        """The micro-batching queue of the running event loop (created on first use).
+
+        A ``max_pending_pairs`` given here becomes the queue's limit (beyond it
+        :meth:`MicroBatcher.submit` raises ``QueueFullError``), also for a queue that exists.
+        """
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
+        if batcher is not None and max_pending_pairs is not None:
+            batcher.max_pending_pairs = max_pending_pairs
         if batcher is None:
             batcher = MicroBatcher(
                 self.forward,
@@ -291,14 +346,10 @@ class Reranker:
             out[rows] = self.forward(encoded.take(rows))
         return out
 
-    async def _ascore(
-        self, queries: list[str], documents: list[str], normalize: bool | None
-    ) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(None, self.encode, queries, documents)
-        return self._finish(await self.batcher().submit(encoded), normalize)
+    @staticmethod
+    def sigmoid(raw: np.ndarray) -> np.ndarray:
+        """Normalized scores from raw ones: the probability described in the class docstring."""
+        return torch.sigmoid(torch.from_numpy(raw)).numpy().astype(np.float32, copy=False)
 
     def _finish(self, raw: np.ndarray, normalize: bool | None) -> np.ndarray:
-        if not (self.normalize if normalize is None else normalize):
-            return raw
-        return torch.sigmoid(torch.from_numpy(raw)).numpy().astype(np.float32, copy=False)
+        return self.sigmoid(raw) if (self.normalize if normalize is None else normalize) else raw

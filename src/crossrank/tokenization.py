@@ -129,24 +129,59 @@ class PairTokenizer:
 
     def cap_queries(self, queries: Sequence[str]) -> list[str]:
         """Cut each query to its first ``query_max_length`` tokens (returned as text)."""
+        return self.cap_texts(queries, self.query_max_length)
+
+    def cap_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        """Cut each text to its first ``max_tokens`` tokens, at the character end of the last
+        kept token (special tokens not counted)."""
         enc = self.tokenizer(
-            list(queries),
+            list(texts),
             add_special_tokens=False,
             return_offsets_mapping=True,
             return_attention_mask=False,
             return_token_type_ids=False,
         )
-        capped = list(queries)
+        capped = list(texts)
         for i, offsets in enumerate(enc["offset_mapping"]):
-            if len(offsets) > self.query_max_length:
-                capped[i] = queries[i][: offsets[self.query_max_length - 1][1]]
+            if len(offsets) > max_tokens:
+                capped[i] = texts[i][: offsets[max_tokens - 1][1]]
         return capped
 
-    def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
-        """Encode pair ``i`` = ``(queries[i], documents[i])``; callers pass validated input."""
+    def token_counts(self, texts: Sequence[str]) -> np.ndarray:
+        """Untruncated token count of each text, special tokens not counted.
+
+        A pair's untruncated length is its query's count plus its document's count plus
+        ``special_tokens_in_pair``; callers use it to refuse rather than truncate input.
+        """
+        texts = scrub_surrogates(texts)
+        with self._lock:
+            enc = self.tokenizer(
+                texts,
+                add_special_tokens=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+        ids: list[list[int]] = enc["input_ids"]
+        return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+
+    def encode(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        *,
+        max_doc_tokens: int | None = None,
+    ) -> EncodedPairs:
+        """Encode pair ``i`` = ``(queries[i], documents[i])``; callers pass validated input.
+
+        ``max_doc_tokens`` additionally cuts each document to that many tokens before pairing
+        (the Cohere API's ``max_tokens_per_doc``); a limit the pair budget already enforces
+        costs nothing.
+        """
         queries = scrub_surrogates(queries)
         documents = scrub_surrogates(documents)
         with self._lock:
+            if max_doc_tokens is not None and max_doc_tokens < self.max_length:
+                documents = self.cap_texts(documents, max_doc_tokens)
             distinct = list(dict.fromkeys(queries))
             capped = dict(zip(distinct, self.cap_queries(distinct), strict=False))
             enc = self.tokenizer(

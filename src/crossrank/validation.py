@@ -58,13 +58,16 @@ def check_pairs(pairs: Any) -> tuple[list[str], list[str]]:
 
 def check_top_n(top_n: Any) -> int | None:
     """``None`` keeps every document; otherwise a positive ``int`` (``bool`` is refused)."""
-    if top_n is None:
+    return check_optional_positive_int(top_n, name="top_n")
+
+
+def check_optional_positive_int(value: Any, *, name: str) -> int | None:
+    """``None`` or a positive ``int`` (``bool`` is refused); the error names ``name``."""
+    if value is None:
         return None
-    if isinstance(top_n, bool) or not isinstance(top_n, int):
-        raise ValueError(f"top_n must be a positive int or None, got {top_n!r}")
-    if top_n <= 0:
-        raise ValueError(f"top_n must be a positive int or None, got {top_n}")
-    return top_n
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
 
 
 def scrub_surrogates(texts: Sequence[str]) -> list[str]:

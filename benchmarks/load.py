@@ -1,0 +1,259 @@
+"""Load test of ``crossrank serve``: N concurrent clients each sending 1 query x D documents.
+
+Bounded in count (``--requests``) and time (``--max-seconds``), loopback only. Reports
+requests/s, pairs/s and latency percentiles, and the ratio of the server's pairs/s to the
+engine's offline throughput (``Reranker.score_pairs`` in-process on the same pairs).
+
+Examples::
+
+    # a random-weight model of the real bge-reranker-v2-m3 tokenizer, tiny (2 layers)
+    python benchmarks/load.py --random tiny --clients 8 --requests 200
+    # a local model directory, on the GPU
+    python benchmarks/load.py --model /models/bge-reranker-v2-m3 --device cuda --clients 32
+    # an already running server (the offline ratio needs --model too)
+    python benchmarks/load.py --url http://127.0.0.1:8000 --model /models/bge-reranker-v2-m3
+
+The server runs in its own process (as in production) unless ``--url`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+
+from crossrank import Reranker
+from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+PRESETS = {
+    "tiny": TINY_CONFIG,
+    "small": {
+        "num_hidden_layers": 6,
+        "hidden_size": 384,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+    },
+    "full": {},
+}
+SERVE = "import typer; from crossrank.server.cli import serve; typer.run(serve)"
+
+
+def workload(n_requests: int, docs_per_request: int, seed: int) -> list[tuple[str, list[str]]]:
+    """(query, documents) per request: XQuAD-R questions and paragraphs when ../shared is
+    present (about 190 tokens per pair), else synthetic sentences."""
+    rng = random.Random(seed)
+    shared = shared_dir()
+    if shared is not None and (shared / "data/xquad-r/en.json").exists():
+        data = json.loads((shared / "data/xquad-r/en.json").read_text(encoding="utf-8"))
+        paragraphs = [p for a in data["data"] for p in a["paragraphs"]]
+        questions = [qa["question"] for p in paragraphs for qa in p["qas"]]
+        contexts = [p["context"] for p in paragraphs]
+    else:
+        words = [
+            "planet",
+            "red",
+            "iron",
+            "oxide",
+            "surface",
+            "moon",
+            "orbit",
+            "sun",
+            "star",
+            "light",
+            "dust",
+            "storm",
+        ]
+        contexts = [" ".join(rng.choices(words, k=80)) for _ in range(200)]
+        questions = [" ".join(rng.choices(words, k=8)) + "?" for _ in range(200)]
+    return [
+        (rng.choice(questions), rng.sample(contexts, min(docs_per_request, len(contexts))))
+        for _ in range(n_requests)
+    ]
+
+
+def model_path(args: argparse.Namespace, tmp: str) -> str:
+    if args.model:
+        return str(args.model)
+    shared = shared_dir()
+    if shared is None:
+        sys.exit("--random needs ../shared (or $CROSSRANK_SHARED) for the real tokenizer")
+    out = Path(tmp) / f"random-{args.random}"
+    build_random_reranker(out, shared / SKELETON, **PRESETS[args.random])
+    return str(out)
+
+
+def offline_pairs_per_s(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
+    pairs = [(q, d) for q, docs in work for d in docs]
+    reranker.score_pairs(pairs[:64])  # warm up
+    start = time.perf_counter()
+    reranker.score_pairs(pairs)
+    return len(pairs) / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-c",
+        SERVE,
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--device",
+        args.device,
+        "--max-docs",
+        str(args.docs),
+        "--max-length",
+        str(args.max_length),
+    ]
+    if args.max_batch_tokens:
+        cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"the server was not ready within {args.startup_timeout} s")
+
+
+async def drive(
+    url: str, work: list[tuple[str, list[str]]], clients: int, max_seconds: float
+) -> tuple[list[float], int, int, float]:
+    """Send ``work`` from ``clients`` concurrent connections; latencies of the 200s, the pairs
+    they scored, the number of failures and the wall time."""
+    latencies: list[float] = []
+    pairs = failures = 0
+    queue = list(reversed(work))
+    deadline = time.monotonic() + max_seconds
+    limits = httpx.Limits(max_connections=clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal failures, pairs
+        while queue and time.monotonic() < deadline:
+            query, docs = queue.pop()
+            start = time.perf_counter()
+            r = await http.post("/v2/rerank", json={"query": query, "documents": docs})
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+                pairs += len(docs)
+            else:
+                failures += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=max_seconds, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return latencies, pairs, failures, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="Hub id or local directory of the served model.")
+    source.add_argument(
+        "--random",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="Random-weight model of the real architecture (default: tiny).",
+    )
+    parser.add_argument("--url", help="Target a running server (loopback only).")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=200, help="Total requests (bound).")
+    parser.add_argument("--docs", type=int, default=50, help="Documents per request.")
+    parser.add_argument("--max-seconds", type=float, default=120, help="Time bound.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    args = parser.parse_args()
+    if args.url and urlparse(args.url).hostname not in LOOPBACK:
+        parser.error("--url must point at this machine (127.0.0.1, localhost or ::1)")
+    if args.requests < 1 or args.clients < 1 or args.docs < 1:
+        parser.error("--requests, --clients and --docs must be positive")
+
+    work = workload(args.requests, args.docs, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = None if args.url and not args.model else model_path(args, tmp)
+        offline = None
+        if model is not None:  # measured before the server starts, so nothing competes
+            reranker = Reranker(
+                model,
+                device=args.device,
+                max_length=args.max_length,
+                batch_tokens=args.max_batch_tokens,
+            )
+            offline = offline_pairs_per_s(reranker, work)
+            reranker.close()
+            del reranker
+        proc = None
+        url = args.url
+        if url is None:
+            assert model is not None
+            proc, url = start_server(args, model)
+        try:
+            asyncio.run(drive(url, work[: args.clients], args.clients, args.max_seconds))  # warm
+            latencies, pairs, failures, wall = asyncio.run(
+                drive(url, work, args.clients, args.max_seconds)
+            )
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+
+    done = len(latencies)
+    lat = np.asarray(latencies) * 1000
+    report = {
+        "model": args.model or f"random-{args.random}",
+        "device": args.device,
+        "cpus": os.cpu_count(),
+        "clients": args.clients,
+        "docs_per_request": args.docs,
+        "requests_ok": done,
+        "requests_failed": failures,
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(done / wall, 2),
+        "pairs_per_s": round(pairs / wall, 1),
+        "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if done else None,
+        "latency_ms_p99": round(float(np.percentile(lat, 99)), 1) if done else None,
+        "offline_pairs_per_s": round(offline, 1) if offline else None,
+        "server_to_offline": round(pairs / wall / offline, 3) if offline else None,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        width = max(map(len, report))
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""``crossrank serve``: the rerank server's command (registered on the main typer app)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from crossrank.engine import DEFAULT_MODEL, Reranker
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Hugging Face model id or local directory.")
+    ] = DEFAULT_MODEL,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; loopback only unless told otherwise.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CROSSRANK_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on the rerank and model routes. Prefer "
+            "the environment variable: a command-line value is visible to other local users.",
+            show_default=False,
+        ),
+    ] = None,
+    max_docs: Annotated[
+        int, typer.Option(min=1, help="Most documents per request (more is a 413).")
+    ] = 1000,
+    max_batch_tokens: Annotated[
+        int | None,
+        typer.Option(min=8, help="Tokens per forward pass, padding included (default: by device)."),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Most pairs waiting to be scored (more is a 429).")
+    ] = 10_000,
+    request_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a rerank request may take (then a 504).")
+    ] = 120.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
+    max_length: Annotated[
+        int, typer.Option(min=8, help="Most tokens per (query, document) pair.")
+    ] = 512,
+) -> None:
+    """Serve a reranker over HTTP: Cohere/Jina (/v1/rerank, /v2/rerank) and TEI (/rerank)
+    APIs, Prometheus /metrics, a web UI at /."""
+    from crossrank.server.runner import run_server
+    from crossrank.server.settings import ServerSettings
+
+    logging.getLogger("crossrank").setLevel(logging.INFO)  # show loading and readiness
+    try:
+        settings = ServerSettings(
+            api_key=api_key,
+            max_docs=max_docs,
+            max_queue=max_queue,
+            request_timeout=request_timeout,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    if host not in _LOOPBACK and api_key is None:
+        logging.getLogger(__name__).warning(
+            "binding %s without an API key: anyone who can reach this port can use the server",
+            host,
+        )
+
+    def load() -> Reranker:
+        return Reranker(
+            model, device=device, dtype=dtype, max_length=max_length, batch_tokens=max_batch_tokens
+        )
+
+    code = run_server(load, settings, host=host, port=port)
+    if code:
+        raise typer.Exit(code)

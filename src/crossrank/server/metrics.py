@@ -1,0 +1,90 @@
+"""Prometheus metrics of one server app.
+
+Each app owns its own ``CollectorRegistry`` (never the process-global one), so several apps
+can live in one process (tests, embedding) without duplicate-metric errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_PAIR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class ServerMetrics:
+    """The server's counters, gauges and histograms, registered in a private registry."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "crossrank_http_requests",
+            "HTTP requests by route and status code (499: client disconnected).",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "crossrank_http_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "crossrank_http_requests_in_flight",
+            "HTTP requests being handled.",
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "crossrank_queue_depth_pairs",
+            "Pairs waiting in the micro-batching queue, not yet sent to the model.",
+            registry=self.registry,
+        )
+        self.batch_pairs = Histogram(
+            "crossrank_batch_pairs",
+            "Pairs per forward pass.",
+            buckets=_PAIR_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_tokens = Histogram(
+            "crossrank_batch_tokens",
+            "Tokens computed per forward pass (padding included unless packed).",
+            buckets=_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.pairs_scored = Counter(
+            "crossrank_pairs_scored",
+            "(query, document) pairs scored by the model.",
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "crossrank_model_ready",
+            "1 once the model is loaded and warmed up.",
+            registry=self.registry,
+        )
+
+    def observe_batch(self, pairs: int, tokens: int) -> None:
+        """The engine's ``batch_observer``: called after every forward pass."""
+        self.batch_pairs.observe(pairs)
+        self.batch_tokens.observe(tokens)
+        self.pairs_scored.inc(pairs)
+
+    def track_queue(self, depth: Callable[[], float]) -> None:
+        """Read the queue depth from ``depth`` at every scrape."""
+        self.queue_depth.set_function(depth)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,139 @@
+"""Pure ASGI middleware: request metrics, API-key checks and the request body limit.
+
+All run before the body is parsed, so an unauthenticated client never gets its body parsed
+(it learns nothing about the schema), an oversized body is refused as it arrives, and every
+response, errors included, is counted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Collection
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from crossrank.server.metrics import ServerMetrics
+
+UNAUTHORIZED_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+
+
+class MetricsMiddleware:
+    """Count requests by route and status, time them and track how many are in flight."""
+
+    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics, routes: Collection[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in self.routes else "other"  # bounded label cardinality
+        status = 500  # what the client sees if the app raises before responding
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        start = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+class BodyTooLargeError(HTTPException):
+    """The request body exceeds the server's limit (raised while reading it)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than this server's limit of {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``limit`` bytes: at once from ``Content-Length``, else while reading.
+
+    The second case raises :class:`BodyTooLargeError` from ``receive``; FastAPI re-raises
+    HTTP exceptions met while reading a body, so the app's JSON error handler answers it.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _send_json(send, 413, BodyTooLargeError(self.limit).detail)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLargeError(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class ApiKeyMiddleware:
+    """Refuse requests to ``protected`` paths without ``Authorization: Bearer <api_key>``.
+
+    The comparison is constant-time (``hmac.compare_digest``) and the key is never logged.
+    """
+
+    def __init__(self, app: ASGIApp, *, api_key: str, protected: Collection[str]) -> None:
+        self.app = app
+        self._key = api_key.encode()
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.protected:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        scheme, _, token = given.partition(b" ")
+        # evaluate compare_digest unconditionally so timing does not depend on the scheme
+        if hmac.compare_digest(token.strip(), self._key) & (scheme.lower() == b"bearer"):
+            await self.app(scope, receive, send)
+            return
+        await _send_json(send, 401, UNAUTHORIZED_MESSAGE, [(b"www-authenticate", b"Bearer")])
+
+
+async def _send_json(
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """An error response in the app's shape, sent before the app runs."""
+    body = json.dumps({"message": message, "detail": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
