@@ -360,3 +360,57 @@ def _busy_replica(names: list[str]) -> str:
             if ray.get(actor.get_num_ongoing_requests.remote(), timeout=10) > 0:
                 return name
     raise TimeoutError("no replica was busy")
+
+
+# ----------------------------------------------------------------- crossrank serve --ray
+def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The options map onto :class:`RerankAppArgs` (what ``run_app`` deploys: the Serve app
+    itself is tested above through ``build_app``)."""
+    import typer
+    from typer.testing import CliRunner
+
+    import crossrank.ray
+    from crossrank.server.cli import serve
+
+    app = typer.Typer()
+    app.command("serve")(serve)
+    app.callback()(lambda: None)
+    calls: list[tuple] = []
+    monkeypatch.setattr(crossrank.ray, "run_app", lambda args, **kw: calls.append((args, kw)))
+    monkeypatch.delenv("CROSSRANK_API_KEY", raising=False)
+
+    def invoke(*args: str):
+        return CliRunner().invoke(app, ["serve", "-m", "some/model", *args])
+
+    result = invoke("--ray", "--autoscale", "2:8", "--port", "9001", "--max-docs", "30")
+    assert result.exit_code == 0, result.output
+    args, kw = calls.pop()
+    assert kw == {"host": "127.0.0.1", "port": 9001}
+    assert (args.model, args.autoscale, args.replicas, args.max_docs) == (
+        "some/model",
+        (2, 8),
+        None,
+        30,
+    )
+    assert args.api_key is None
+
+    result = invoke("--ray", "--replicas", "3", "--api-key", "sk-secret-1", "--device", "cuda")
+    assert result.exit_code == 0, result.output
+    args, _ = calls.pop()
+    assert (args.replicas, args.autoscale, args.device) == (3, None, "cuda")
+    assert args.api_key.get_secret_value() == "sk-secret-1" and "sk-secret" not in repr(args)
+
+    from crossrank.ray import RerankAppArgs
+
+    monkeypatch.setenv("CROSSRANK_API_KEY", "sk-from-env")  # where a config file's app is built
+    assert RerankAppArgs.model_validate({}).api_key.get_secret_value() == "sk-from-env"
+
+    for bad, message in (
+        (["--replicas", "2"], "need --ray"),
+        (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not both"),
+        (["--ray", "--autoscale", "3:1"], "MIN <= MAX"),
+        (["--ray", "--autoscale", "4"], "MIN:MAX"),
+    ):
+        result = invoke(*bad)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), bad
+    assert not calls

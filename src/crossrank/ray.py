@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+import signal
+import threading
 from typing import Any, cast
 
 import numpy as np
@@ -214,7 +215,11 @@ class RerankAppArgs(BaseModel):
     max_docs: PositiveInt = 1000
     max_queue: PositiveInt = 10_000
     request_timeout: PositiveFloat = 120.0
-    api_key: SecretStr | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
+    api_key: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("CROSSRANK_API_KEY"),
+        description="Require 'Authorization: Bearer KEY' (default: $CROSSRANK_API_KEY, read "
+        "where the app is built, so a config file need not hold the secret).",
+    )
 
     @field_validator("autoscale", mode="before")
     @classmethod
@@ -235,6 +240,11 @@ class RerankAppArgs(BaseModel):
             if self.autoscale[0] > self.autoscale[1]:
                 raise ValueError(f"autoscale MIN:MAX needs MIN <= MAX, got {self.autoscale}")
         return self
+
+
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
 
 
 def build_app(args: RerankAppArgs | dict[str, Any] | None = None) -> serve.Application:
@@ -280,19 +290,26 @@ def build_app(args: RerankAppArgs | dict[str, Any] | None = None) -> serve.Appli
 
 
 APP_NAME = "crossrank"
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run_app(args: RerankAppArgs, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """``crossrank serve --ray``: deploy on the cluster at ``RAY_ADDRESS`` (else a local one)
-    and serve until interrupted, then delete the application (the cluster keeps running)."""
+    and serve until SIGINT or SIGTERM, then delete the application (a cluster keeps running).
+
+    Must run in the main thread (it handles those signals).
+    """
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     logger.info("serving %s on http://%s:%d through Ray Serve", args.model, host, port)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         logger.info("stopping: deleting the %r application", APP_NAME)
         serve.delete(APP_NAME)
