@@ -1,26 +1,31 @@
 """The one scoring engine every front door (Python API, adapters, server, Ray) goes through.
 
-A call flows: validate input -> tokenize all pairs in one batched call -> sort by length and
-cut token-budgeted batches -> forward passes under ``torch.inference_mode`` -> float32 scores
-written back in input order -> optional sigmoid.
+A call flows: validate input -> look pairs up in the score cache (if any) -> tokenize the
+misses in one batched call (one row per pair, or per document window in chunk mode) -> sort
+by length and cut token-budgeted batches -> forward passes under ``torch.inference_mode`` ->
+float32 row scores folded into one raw score per pair, in input order -> cache the new
+scores -> optional sigmoid.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from crossrank.batching import BatchObserver, MicroBatcher, plan_batches
+from crossrank.cache import Cache, CacheStats, ScoreCache, open_cache
 from crossrank.loading import load, resolve_device, resolve_dtype
+from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.result import RerankResult
 from crossrank.runners import Runner, TorchPaddedRunner
 from crossrank.tokenization import EncodedPairs, PairTokenizer
@@ -42,6 +47,16 @@ DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 _DEFAULT_BATCH_TOKENS = {"cpu": 8192, "mps": 16384, "cuda": 65536}
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A call's pairs after the cache lookup: the misses to score and what the cache had."""
+
+    misses: np.ndarray  # indices of the pairs the model must score
+    encoded: EncodedPairs  # rows of the misses (one per pair, or per window)
+    keys: list[str] | None = None  # cache keys of all pairs, when a cache is set
+    cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
+
+
 class Reranker:
     """A cross-encoder reranker: load once, score many (query, document) pairs fast.
 
@@ -50,6 +65,24 @@ class Reranker:
     rerankers), or the softmax probability of the positive label (index 1) for two-label
     models. With ``normalize=False`` the raw logit is returned (for two-label models, the
     difference ``logit[1] - logit[0]``, whose sigmoid is that same probability).
+
+    Long documents: with ``long_docs="truncate"`` (default) a document is cut to the room
+    ``max_length`` leaves after the query (capped at ``query_max_length`` tokens). With
+    ``long_docs="chunk"`` a longer document is split into windows of ``chunk_tokens``
+    document tokens (``None``: all that room) overlapping by ``chunk_overlap`` tokens
+    (``None``: an eighth of the window); every window is scored in the same batches as the
+    other pairs and the document's score is ``aggregate`` over its windows: ``"max"``
+    (default), ``"mean"`` (of the raw logits) or ``"first"`` (the leading window, which
+    equals truncate mode).
+    :attr:`RerankResult.best_span` then gives the ``(start, end)`` character offsets of the
+    best-scoring window in the document (``None`` in truncate mode).
+
+    Score cache: ``cache="memory"`` keeps scores in an in-process LRU; a
+    ``"redis://host:port/db"`` URL shares them between processes (entries expire after a
+    day); any object with ``get_many``/``set_many`` (:class:`crossrank.cache.Cache`) works
+    too. Only pairs missing from the cache reach the model, results are the same as without
+    it, and if the cache server goes away scoring goes on without it (one warning is
+    logged). :attr:`cache_stats` counts hits and misses.
 
     The instance is thread-safe and its async methods never block the event loop; concurrent
     async calls share forward passes through a micro-batching queue.
@@ -69,7 +102,14 @@ class Reranker:
         cache_dir: str | None = None,
         local_files_only: bool = False,
         trust_remote_code: bool = False,
+        long_docs: str = "truncate",
+        chunk_tokens: int | None = None,
+        chunk_overlap: int | None = None,
+        aggregate: str = "max",
+        cache: str | Cache | None = None,
     ) -> None:
+        self.long_docs = LongDocs(long_docs, chunk_tokens, chunk_overlap, aggregate)
+        backend = open_cache(cache)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
             raise ValueError(f"max_length must be an int >= 8, got {max_length!r}")
         if query_max_length is None:
@@ -109,6 +149,14 @@ class Reranker:
             loaded.tokenizer, max_length=max_length, query_max_length=query_max_length
         )
         self.query_max_length = query_max_length
+        self.long_docs.check_room(
+            max_length - query_max_length - self.tokenizer.special_tokens_in_pair
+        )
+        self._cache = (
+            None
+            if backend is None
+            else ScoreCache(backend, self._cache_fingerprint(), with_spans=self.long_docs.chunked)
+        )
         self.runner: Runner = TorchPaddedRunner(self.model, self.device, self.tokenizer.pad_id)
         self._model_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-forward")
@@ -120,8 +168,14 @@ class Reranker:
     def __repr__(self) -> str:
         return (
             f"Reranker({self.model_name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
-            f"max_length={self.max_length}, normalize={self.normalize})"
+            f"max_length={self.max_length}, normalize={self.normalize}, "
+            f"long_docs={self.long_docs.mode!r})"
         )
+
+    @property
+    def cache_stats(self) -> CacheStats | None:
+        """Score-cache hit/miss/error counters since start (``None`` without a cache)."""
+        return None if self._cache is None else self._cache.stats
 
     # ----------------------------------------------------------------- public sync API
     def score(
@@ -136,16 +190,14 @@ class Reranker:
         """Score each document against ``query``; float32 array of shape ``(len(documents),)``.
 
         ``normalize`` overrides the instance setting for this call (``None`` keeps it).
-        ``max_doc_tokens`` cuts each document to that many tokens first (``None``: only the
-        ``max_length`` pair budget applies).
+        ``max_doc_tokens`` first cuts each document to that many tokens (``None``: only
+        ``max_length``, or chunk mode, decides).
         """
         check_query(query)
         docs = check_documents(documents)
         check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
-        if not docs:
-            return np.zeros(0, dtype=np.float32)
-        encoded = self.encode([query] * len(docs), docs, max_doc_tokens=max_doc_tokens)
-        return self._finish(self._score_encoded(encoded, show_progress), normalize)
+        scored = self._scores([query] * len(docs), docs, show_progress, max_doc_tokens)
+        return self._finish(scored.raw, normalize)
 
     def score_pairs(
         self,
@@ -156,10 +208,7 @@ class Reranker:
     ) -> np.ndarray:
         """Score ``[(query, document), ...]``; float32 array in input order."""
         queries, docs = check_pairs(pairs)
-        if not docs:
-            return np.zeros(0, dtype=np.float32)
-        encoded = self.encode(queries, docs)
-        return self._finish(self._score_encoded(encoded, show_progress), normalize)
+        return self._finish(self._scores(queries, docs, show_progress).raw, normalize)
 
     def rerank(
         self,
@@ -174,13 +223,20 @@ class Reranker:
 
         ``threshold`` keeps results whose score is ``>=`` it (normalized scores when
         ``normalize=True``); ``top_n`` is applied after it, and a ``top_n`` larger than the
-        number of documents returns them all.
+        number of documents returns them all. In chunk mode each result's ``best_span`` is the
+        character span of the document's best window.
         """
         top_n = check_top_n(top_n)
         docs = check_documents(documents)
         check_query(query)
-        scores = self.score(query, docs, show_progress=show_progress)
-        return self.to_results(docs, scores, top_n=top_n, threshold=threshold)
+        scored = self._scores([query] * len(docs), docs, show_progress)
+        return self.to_results(
+            docs,
+            self._finish(scored.raw, None),
+            spans=scored.spans,
+            top_n=top_n,
+            threshold=threshold,
+        )
 
     # ---------------------------------------------------------------- public async API
     async def ascore(
@@ -193,47 +249,31 @@ class Reranker:
     ) -> np.ndarray:
         """Async :meth:`score`: tokenization and forward passes run off the event loop, and
         concurrent calls are merged into shared forward passes."""
+        raw, _ = await self.ascore_raw(query, documents, max_doc_tokens=max_doc_tokens)
+        return self._finish(raw, normalize)
+
+    async def ascore_raw(
+        self, query: str, documents: Sequence[str], *, max_doc_tokens: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Raw scores (input order) and the tokens the forward passes computed for them
+        (pairs answered by the score cache cost none): what a server reports as usage.
+
+        Raises :class:`~crossrank.batching.QueueFullError` when the queue holds its maximum
+        of pending pairs; cancelling the awaiting task drops the pairs not yet sent to the
+        model.
+        """
         check_query(query)
         docs = check_documents(documents)
         check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
-        if not docs:
-            return np.zeros(0, dtype=np.float32)
-        encoded = await self.aencode([query] * len(docs), docs, max_doc_tokens=max_doc_tokens)
-        return await self.ascore_encoded(encoded, normalize=normalize)
+        scored, tokens = await self._ascores([query] * len(docs), docs, max_doc_tokens)
+        return scored.raw, tokens
 
     async def ascore_pairs(
         self, pairs: Sequence[tuple[str, str]], *, normalize: bool | None = None
     ) -> np.ndarray:
         """Async :meth:`score_pairs`."""
         queries, docs = check_pairs(pairs)
-        if not docs:
-            return np.zeros(0, dtype=np.float32)
-        return await self.ascore_encoded(await self.aencode(queries, docs), normalize=normalize)
-
-    async def aencode(
-        self,
-        queries: Sequence[str],
-        documents: Sequence[str],
-        *,
-        max_doc_tokens: int | None = None,
-    ) -> EncodedPairs:
-        """Async :meth:`encode`: tokenization runs in a worker thread, off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None, functools.partial(self.encode, queries, documents, max_doc_tokens=max_doc_tokens)
-        )
-
-    async def ascore_encoded(
-        self, encoded: EncodedPairs, *, normalize: bool | None = None
-    ) -> np.ndarray:
-        """Score already-encoded pairs through the shared micro-batching queue.
-
-        Callers that need the token counts (the server's ``usage``) encode first with
-        :meth:`aencode`, then score here. Raises :class:`~crossrank.batching.QueueFullError`
-        when the queue holds its maximum of pending pairs; cancelling the awaiting task drops
-        the pairs not yet sent to the model.
-        """
-        return self._finish(await self.batcher().submit(encoded), normalize)
+        return self._finish((await self._ascores(queries, docs))[0].raw, normalize)
 
     async def arerank(
         self,
@@ -245,8 +285,15 @@ class Reranker:
         """Async :meth:`rerank`."""
         top_n = check_top_n(top_n)
         docs = check_documents(documents)
-        scores = await self.ascore(query, docs)
-        return self.to_results(docs, scores, top_n=top_n, threshold=threshold)
+        check_query(query)
+        scored, _ = await self._ascores([query] * len(docs), docs)
+        return self.to_results(
+            docs,
+            self._finish(scored.raw, None),
+            spans=scored.spans,
+            top_n=top_n,
+            threshold=threshold,
+        )
 
     # ------------------------------------------------------------------ building blocks
     @staticmethod
@@ -254,26 +301,39 @@ class Reranker:
         documents: Sequence[str],
         scores: np.ndarray,
         *,
+        spans: np.ndarray | None = None,
         top_n: int | None = None,
         threshold: float | None = None,
     ) -> list[RerankResult]:
-        """Turn scores into :class:`RerankResult` s, best first (ties keep input order)."""
+        """Turn scores (and chunk-mode ``spans``, shape ``(n, 2)``) into
+        :class:`RerankResult` s, best first (ties keep input order)."""
         order = np.argsort(-scores, kind="stable")
         if threshold is not None:
             order = order[scores[order] >= threshold]
         if top_n is not None:
             order = order[:top_n]
-        return [RerankResult(int(i), float(scores[i]), documents[i]) for i in order]
+        results = [RerankResult(int(i), float(scores[i]), documents[i]) for i in order]
+        if spans is None:
+            return results
+        return [
+            replace(result, best_span=(int(spans[i, 0]), int(spans[i, 1])))
+            for result, i in zip(results, order, strict=True)
+        ]
 
-    def encode(
-        self,
-        queries: Sequence[str],
-        documents: Sequence[str],
-        *,
-        max_doc_tokens: int | None = None,
-    ) -> EncodedPairs:
-        """Tokenize validated pairs (one batched fast-tokenizer call)."""
-        return self.tokenizer.encode(queries, documents, max_doc_tokens=max_doc_tokens)
+    def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
+        """Tokenize validated pairs (one batched fast-tokenizer call).
+
+        In chunk mode a long document gives several rows (its windows), mapped back to their
+        pair by ``pair_index``; fold row scores with :func:`crossrank.longdoc.aggregate`.
+        """
+        if self.long_docs.chunked:
+            return self.tokenizer.encode_windows(
+                queries,
+                documents,
+                window_tokens=self.long_docs.chunk_tokens,
+                overlap=self.long_docs.chunk_overlap,
+            )
+        return self.tokenizer.encode(queries, documents)
 
     def batcher(self, max_pending_pairs: int | None = None) -> MicroBatcher:
         """The micro-batching queue of the running event loop (created on first use).
@@ -345,6 +405,72 @@ class Reranker:
         for rows in tqdm(batches, desc="scoring", unit="batch", disable=not show_progress):
             out[rows] = self.forward(encoded.take(rows))
         return out
+
+    def _scores(
+        self,
+        queries: list[str],
+        documents: list[str],
+        show_progress: bool = False,
+        max_doc_tokens: int | None = None,
+    ) -> DocScores:
+        job = self._prepare(queries, documents, max_doc_tokens)
+        return self._complete(job, self._score_encoded(job.encoded, show_progress))
+
+    async def _ascores(
+        self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
+    ) -> tuple[DocScores, int]:
+        """Scores and the tokens computed for them."""
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(None, self._prepare, queries, documents, max_doc_tokens)
+        rows = await self.batcher().submit(job.encoded)
+        if self._cache is None:
+            return self._complete(job, rows), job.encoded.total_tokens
+        scored = await loop.run_in_executor(None, self._complete, job, rows)  # cache I/O
+        return scored, job.encoded.total_tokens
+
+    def _prepare(
+        self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
+    ) -> _Job:
+        """Look the pairs up in the cache and tokenize the misses (runs off the event loop)."""
+        if max_doc_tokens is not None and documents:
+            documents = self.tokenizer.cap_documents(documents, max_doc_tokens)
+        if self._cache is None:
+            misses = np.arange(len(documents))
+            return _Job(misses, self.encode(queries, documents))
+        keys = self._cache.keys(queries, documents)
+        hit, raw, spans = self._cache.get(keys)
+        misses = np.flatnonzero(~hit)
+        encoded = self.encode([queries[i] for i in misses], [documents[i] for i in misses])
+        return _Job(misses, encoded, keys, DocScores(raw, spans))
+
+    def _complete(self, job: _Job, rows: np.ndarray) -> DocScores:
+        """Fold row scores into per-pair scores, merged with cache hits and stored."""
+        fresh = aggregate(rows, job.encoded, len(job.misses), self.long_docs.aggregate)
+        if self._cache is None or job.keys is None or job.cached is None:
+            return fresh
+        raw, spans = job.cached.raw, job.cached.spans  # fresh arrays owned by this call
+        raw[job.misses] = fresh.raw
+        if spans is not None and fresh.spans is not None:
+            spans[job.misses] = fresh.spans
+        if len(job.misses):
+            self._cache.put([job.keys[i] for i in job.misses], fresh.raw, fresh.spans)
+        return DocScores(raw, spans)
+
+    def _cache_fingerprint(self) -> str:
+        """Everything besides the pair that changes a raw score (``normalize`` does not)."""
+        expanded = os.path.expanduser(self.model_name)
+        model = os.path.abspath(expanded) if os.path.exists(expanded) else self.model_name
+        return "|".join(
+            [
+                "crossrank-v1",
+                model,
+                str(self.revision),
+                str(self.dtype),
+                str(self.max_length),
+                str(self.query_max_length),
+                self.long_docs.fingerprint(),
+            ]
+        )
 
     @staticmethod
     def sigmoid(raw: np.ndarray) -> np.ndarray:

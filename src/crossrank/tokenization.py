@@ -11,9 +11,10 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+from tokenizers import Encoding
 from transformers import PreTrainedTokenizerBase
 
 from crossrank.validation import scrub_surrogates
@@ -25,12 +26,20 @@ class EncodedPairs:
 
     Pair ``i`` occupies ``ids[offsets[i] : offsets[i] + lengths[i]]``. ``type_ids`` is set only
     for models that take ``token_type_ids`` (BERT-style cross-encoders).
+
+    When long documents are split into windows (:meth:`PairTokenizer.encode_windows`), each row
+    is one window: ``pair_index[row]`` is the input pair it belongs to (a pair's windows are
+    consecutive rows, in document order) and ``spans[row]`` the character offsets
+    ``(start, end)`` of its document text. Both are ``None`` for one-row-per-pair encodings.
+    :meth:`take` cuts forward-pass batches, which need token data only, and drops them.
     """
 
     ids: np.ndarray
     offsets: np.ndarray
     lengths: np.ndarray
     type_ids: np.ndarray | None = None
+    pair_index: np.ndarray | None = None
+    spans: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -129,11 +138,19 @@ class PairTokenizer:
 
     def cap_queries(self, queries: Sequence[str]) -> list[str]:
         """Cut each query to its first ``query_max_length`` tokens (returned as text)."""
-        return self.cap_texts(queries, self.query_max_length)
+        return self._cut(queries, self.query_max_length)
 
-    def cap_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
-        """Cut each text to its first ``max_tokens`` tokens, at the character end of the last
-        kept token (special tokens not counted)."""
+    def cap_documents(self, documents: Sequence[str], max_tokens: int) -> list[str]:
+        """Cut each document to its first ``max_tokens`` tokens (returned as text), e.g. for
+        the Cohere API's ``max_tokens_per_doc``; cutting the text, not the ids, keeps score
+        caches keyed by what was actually scored."""
+        documents = scrub_surrogates(documents)
+        with self._lock:
+            return self._cut(documents, max_tokens)
+
+    def _cut(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        """Each text cut at the character end of its ``max_tokens``-th token (special tokens
+        not counted); the caller holds the lock."""
         enc = self.tokenizer(
             list(texts),
             add_special_tokens=False,
@@ -164,38 +181,124 @@ class PairTokenizer:
         ids: list[list[int]] = enc["input_ids"]
         return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
 
-    def encode(
-        self,
-        queries: Sequence[str],
-        documents: Sequence[str],
-        *,
-        max_doc_tokens: int | None = None,
-    ) -> EncodedPairs:
-        """Encode pair ``i`` = ``(queries[i], documents[i])``; callers pass validated input.
-
-        ``max_doc_tokens`` additionally cuts each document to that many tokens before pairing
-        (the Cohere API's ``max_tokens_per_doc``); a limit the pair budget already enforces
-        costs nothing.
-        """
+    def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
+        """Encode pair ``i`` = ``(queries[i], documents[i])``; callers pass validated input."""
         queries = scrub_surrogates(queries)
         documents = scrub_surrogates(documents)
+        if not documents:
+            return EncodedPairs.concat([])
         with self._lock:
-            if max_doc_tokens is not None and max_doc_tokens < self.max_length:
-                documents = self.cap_texts(documents, max_doc_tokens)
-            distinct = list(dict.fromkeys(queries))
-            capped = dict(zip(distinct, self.cap_queries(distinct), strict=False))
+            capped = self._capped(queries)
             enc = self.tokenizer(
-                [capped[q] for q in queries],
+                capped,
                 documents,
                 truncation="only_second",
                 max_length=self.max_length,
                 return_attention_mask=False,
                 return_token_type_ids=self.returns_type_ids,
             )
-        input_ids: list[list[int]] = enc["input_ids"]
+        return self._flat(enc["input_ids"], enc.get("token_type_ids"))
+
+    def encode_windows(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        *,
+        window_tokens: int | None,
+        overlap: int | None,
+    ) -> EncodedPairs:
+        """Encode each pair as one row per document window (``pair_index``/``spans`` set).
+
+        A window holds up to ``window_tokens`` document tokens (``None``: all the room
+        ``max_length`` leaves after the capped query) and starts ``overlap`` tokens
+        (``None``: an eighth of the window) before the previous one ends. A document that
+        fits in one window gives exactly the row :meth:`encode` gives. The fast tokenizer
+        cuts the windows itself (``return_overflowing_tokens`` with ``stride``) in one call
+        per window layout; pairs whose queries have the same token count share a layout, so
+        a call with one query is a single tokenizer call.
+        """
+        queries = scrub_surrogates(queries)
+        documents = scrub_surrogates(documents)
+        if not documents:
+            empty = EncodedPairs.concat([])
+            return replace(
+                empty, pair_index=np.zeros(0, np.int64), spans=np.zeros((0, 2), np.int64)
+            )
+        with self._lock:
+            capped = self._capped(queries)
+            distinct = list(dict.fromkeys(capped))
+            counted = self.tokenizer(
+                distinct,
+                add_special_tokens=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
+            query_tokens = {q: len(ids) for q, ids in zip(distinct, counted, strict=True)}
+            # Pairs whose windows share max_length and stride go through one tokenizer call.
+            layouts: dict[tuple[int, int], list[int]] = {}
+            for i, query in enumerate(capped):
+                fixed = query_tokens[query] + self.special_tokens_in_pair
+                room = self.max_length - fixed
+                if window_tokens is not None:
+                    room = min(room, window_tokens)
+                stride = room // 8 if overlap is None else overlap
+                # Rust panics unless stride < room; engine settings guarantee it, this keeps
+                # it true even if a capped query re-tokenizes a token longer.
+                layout = (fixed + room, max(0, min(stride, room - 1)))
+                layouts.setdefault(layout, []).append(i)
+            encodings = []
+            for (max_length, stride), members in layouts.items():
+                enc = self.tokenizer(
+                    [capped[i] for i in members],
+                    [documents[i] for i in members],
+                    truncation="only_second",
+                    max_length=max_length,
+                    stride=stride,
+                    return_overflowing_tokens=True,
+                    return_attention_mask=False,
+                    return_token_type_ids=self.returns_type_ids,
+                )
+                sample = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
+                encodings.append((enc, np.asarray(members, dtype=np.int64)[sample]))
+        input_ids = [row for enc, _ in encodings for row in enc["input_ids"]]
+        type_ids = (
+            [row for enc, _ in encodings for row in enc["token_type_ids"]]
+            if self.returns_type_ids
+            else None
+        )
+        spans = np.array(
+            [_document_span(e) for enc, _ in encodings for e in enc.encodings], dtype=np.int64
+        ).reshape(-1, 2)
+        pair_index = np.concatenate([rows for _, rows in encodings])
+        flat = self._flat(input_ids, type_ids)
+        return EncodedPairs(flat.ids, flat.offsets, flat.lengths, flat.type_ids, pair_index, spans)
+
+    def _capped(self, queries: list[str]) -> list[str]:
+        """``queries`` cut to ``query_max_length`` tokens (each distinct query tokenized once)."""
+        distinct = list(dict.fromkeys(queries))
+        capped = dict(zip(distinct, self.cap_queries(distinct), strict=True))
+        return [capped[q] for q in queries]
+
+    def _flat(self, input_ids: list[list[int]], type_ids: list[list[int]] | None) -> EncodedPairs:
         lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
         offsets = np.zeros(len(input_ids), dtype=np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
         total = int(lengths.sum())
-        type_ids = _flatten(enc["token_type_ids"], total) if self.returns_type_ids else None
-        return EncodedPairs(_flatten(input_ids, total), offsets, lengths, type_ids)
+        flat_types = _flatten(type_ids, total) if type_ids is not None else None
+        return EncodedPairs(_flatten(input_ids, total), offsets, lengths, flat_types)
+
+
+def _document_span(encoding: Encoding) -> tuple[int, int]:
+    """Character offsets of the document (second sequence) text an encoded row holds.
+
+    ``(0, 0)`` when the row holds no document token (an empty or whitespace-only document).
+    """
+    sequence_ids = encoding.sequence_ids
+    if 1 not in sequence_ids:
+        return (0, 0)
+    first = sequence_ids.index(1)
+    last = len(sequence_ids) - 1 - sequence_ids[::-1].index(1)
+    start = encoding.token_to_chars(first)
+    end = encoding.token_to_chars(last)
+    assert start is not None and end is not None  # document tokens always have offsets
+    return (int(start[0]), int(end[1]))

@@ -1,10 +1,11 @@
 """The FastAPI app: Cohere/Jina/TEI-compatible rerank routes over the engine's async path.
 
-The HTTP layer never touches the model. Each request is validated, tokenized with
-:meth:`Reranker.aencode` and scored with :meth:`Reranker.ascore_encoded`, which goes through
-the engine's shared micro-batching queue: concurrent requests share forward passes, pairs are
-taken round-robin so a large request cannot starve small ones, and a request whose client
-disconnects or whose time runs out is cancelled, so its pending pairs never reach the model.
+The HTTP layer never touches the model. Each request is validated and scored with
+:meth:`Reranker.ascore_raw`, the engine's async path (score cache and chunk mode included),
+which goes through its shared micro-batching queue: concurrent requests share forward passes,
+pairs are taken round-robin so a large request cannot starve small ones, and a request whose
+client disconnects or whose time runs out is cancelled, so its pending pairs never reach the
+model.
 
 The model is loaded (when a factory is given) and warmed up in a background thread, so
 ``/health`` answers at once and ``/ready`` turns 200 only when scoring is possible.
@@ -317,10 +318,7 @@ async def _score(
     async def work() -> tuple[np.ndarray, int]:
         if refuse_truncation:
             await _refuse_overlong(reranker, query, texts, field)
-        queries = [query] * len(texts)
-        encoded = await reranker.aencode(queries, texts, max_doc_tokens=max_doc_tokens)
-        raw = await reranker.ascore_encoded(encoded, normalize=False)
-        return raw, encoded.total_tokens
+        return await reranker.ascore_raw(query, texts, max_doc_tokens=max_doc_tokens)
 
     try:
         return await _unless_disconnected(
@@ -338,10 +336,15 @@ async def _score(
 
 
 async def _refuse_overlong(reranker: Reranker, query: str, texts: list[str], field: str) -> None:
-    """413 naming the first text whose pair would be truncated (TEI ``truncate: false``)."""
+    """413 naming the query, or the first text, that would be truncated (TEI
+    ``truncate: false``). In chunk mode long texts are scored window by window, never cut, so
+    only the query is checked."""
     tokenizer = reranker.tokenizer
     loop = asyncio.get_running_loop()
-    counts = await loop.run_in_executor(None, tokenizer.token_counts, [query, *texts])
+    chunked = reranker.long_docs.chunked
+    counts = await loop.run_in_executor(
+        None, tokenizer.token_counts, [query] if chunked else [query, *texts]
+    )
     if counts[0] > tokenizer.query_max_length:
         raise HTTPException(
             413,

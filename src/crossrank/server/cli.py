@@ -19,7 +19,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Interface to bind; loopback only unless told otherwise.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -65,7 +65,14 @@ def serve(
 ) -> None:
     """Serve a reranker over HTTP: Cohere/Jina (/v1/rerank, /v2/rerank) and TEI (/rerank)
     APIs, Prometheus /metrics, a web UI at /."""
-    from crossrank.server.runner import run_server
+    try:
+        from crossrank.server.runner import run_server
+    except ImportError as err:
+        typer.echo(
+            f"crossrank serve needs the server extra ({err}): pip install 'crossrank[server]'",
+            err=True,
+        )
+        raise typer.Exit(1) from None
     from crossrank.server.settings import ServerSettings
 
     logging.getLogger("crossrank").setLevel(logging.INFO)  # show loading and readiness

@@ -1,0 +1,253 @@
+"""Score cache: repeated (query, document) pairs skip the model.
+
+RAG pipelines rerank the same popular documents for the same or repeated queries over and
+over. A cache entry is the pair's *raw* score (so the per-call ``normalize`` override still
+applies) and, in chunk mode, its best span. Keys hash everything that changes a score: the
+model id, revision and dtype, the length limits, the long-document settings, the query and
+the document (blake2b, so no text is stored in the cache server).
+
+Backends implement the two-method :class:`Cache` protocol: :class:`MemoryCache` (an
+in-process LRU from ``cachetools``) and :class:`RedisCache` (shared by several server
+processes, entries expire after a TTL). :class:`ScoreCache` wraps a backend for the engine:
+it counts hits and misses, and when the backend fails it logs one warning, lets scoring go
+on without it, and retries only after a growing back-off so no call stalls on a dead server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar, cast, runtime_checkable
+from urllib.parse import urlsplit
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Seconds a failed backend is left alone before the first retry; doubled on each failure.
+BACKOFF_START = 1.0
+#: Longest wait between retries of a failed backend.
+BACKOFF_MAX = 30.0
+
+_SCORE = struct.Struct("<f")
+_SCORE_SPAN = struct.Struct("<fqq")
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """A key-value store for packed scores. Keys are ``str``, values small ``bytes``."""
+
+    def get_many(self, keys: Sequence[str]) -> Sequence[bytes | None]:
+        """The value of each key, ``None`` where absent, in ``keys`` order."""
+        ...
+
+    def set_many(self, items: Mapping[str, bytes]) -> None:
+        """Store every item."""
+        ...
+
+
+class MemoryCache:
+    """In-process LRU cache holding at most ``maxsize`` entries (a few hundred bytes each)."""
+
+    def __init__(self, maxsize: int = 100_000) -> None:
+        try:
+            from cachetools import LRUCache
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "cache='memory' needs cachetools: pip install 'crossrank[cache]'"
+            ) from err
+        self._lru: LRUCache[str, bytes] = LRUCache(maxsize=maxsize)
+        self._lock = threading.Lock()  # cachetools caches are not thread-safe
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._lock:
+            return [self._lru.get(key) for key in keys]
+
+    def set_many(self, items: Mapping[str, bytes]) -> None:
+        with self._lock:
+            self._lru.update(items)
+
+
+class RedisCache:
+    """Redis-backed cache shared by several processes; entries expire after ``ttl`` seconds.
+
+    The client fails fast (``timeout`` seconds, no built-in retries): :class:`ScoreCache`
+    decides when to try a failed server again.
+    """
+
+    def __init__(self, url: str, *, ttl: int | None = 86_400, timeout: float = 1.0) -> None:
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "a redis:// cache needs the redis client: pip install 'crossrank[cache]'"
+            ) from err
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
+            raise ValueError(f"ttl must be a positive int (seconds) or None, got {ttl!r}")
+        self.ttl = ttl
+        parts = urlsplit(url)
+        # Never keep (or log) the password that the URL may carry.
+        self._where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+        self._client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisCache({self._where!r}, ttl={self.ttl})"
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return cast("list[bytes | None]", self._client.mget(list(keys)))
+
+    def set_many(self, items: Mapping[str, bytes]) -> None:
+        if not items:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for key, value in items.items():
+            pipe.set(key, value, ex=self.ttl)
+        pipe.execute()
+
+
+def open_cache(spec: str | Cache | None) -> Cache | None:
+    """``None``, ``"memory"``, a ``redis://``/``rediss://``/``unix://`` URL, or a
+    :class:`Cache` object."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec == "memory":
+            return MemoryCache()
+        if spec.startswith(("redis://", "rediss://", "unix://")):
+            return RedisCache(spec)
+        raise ValueError(
+            "cache must be None, 'memory', a redis:// URL or a Cache object "
+            f"(with get_many/set_many), got the string {spec.split('@')[-1]!r}"
+        )
+    if isinstance(spec, Cache):
+        return spec
+    raise TypeError(
+        "cache must be None, 'memory', a redis:// URL or a Cache object "
+        f"(with get_many/set_many), got {type(spec).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since the engine started: pairs answered from the cache (``hits``), pairs
+    sent to the model (``misses``, which include pairs looked up while the backend was
+    down) and failed backend calls (``errors``). ``available`` is False while the backend
+    is being skipped after a failure."""
+
+    hits: int
+    misses: int
+    errors: int
+    available: bool
+
+
+class ScoreCache:
+    """The engine's view of a :class:`Cache`: keys, packing, counters and failure handling."""
+
+    def __init__(self, backend: Cache, fingerprint: str, *, with_spans: bool) -> None:
+        self.backend = backend
+        self._prefix = hashlib.blake2b(fingerprint.encode(), digest_size=16).digest()
+        self._with_spans = with_spans
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._errors = 0
+        self._retry_at = 0.0  # monotonic time before which a failed backend is skipped
+        self._backoff = 0.0  # 0 while healthy
+
+    @property
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self._hits, self._misses, self._errors, self._backoff == 0.0)
+
+    def keys(self, queries: Sequence[str], documents: Sequence[str]) -> list[str]:
+        """One key per pair; the query is length-prefixed so (q, d) pairs cannot collide."""
+        out = []
+        for query, document in zip(queries, documents, strict=True):
+            digest = hashlib.blake2b(self._prefix, digest_size=20)
+            encoded_query = query.encode("utf-8", "surrogatepass")
+            digest.update(len(encoded_query).to_bytes(8, "little"))
+            digest.update(encoded_query)
+            digest.update(document.encode("utf-8", "surrogatepass"))
+            out.append("crossrank:" + digest.hexdigest())
+        return out
+
+    def get(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(hit mask, raw scores, spans)``; entries of misses are meaningless."""
+        values = self._guard(lambda: self.backend.get_many(keys), None)
+        n = len(keys)
+        hit = np.zeros(n, dtype=bool)
+        raw = np.zeros(n, dtype=np.float32)
+        spans = np.zeros((n, 2), dtype=np.int64) if self._with_spans else None
+        if values is not None:
+            if len(values) != n:
+                raise RuntimeError(f"cache returned {len(values)} values for {n} keys")
+            for i, value in enumerate(values):
+                if value is None:
+                    continue
+                hit[i] = True
+                if spans is None:
+                    (raw[i],) = _SCORE.unpack(value)
+                else:
+                    raw[i], spans[i, 0], spans[i, 1] = _SCORE_SPAN.unpack(value)
+        hits = int(hit.sum())
+        with self._lock:
+            self._hits += hits
+            self._misses += n - hits
+        return hit, raw, spans
+
+    def put(self, keys: Sequence[str], raw: np.ndarray, spans: np.ndarray | None) -> None:
+        """Store the scores (and spans) of freshly scored pairs."""
+        if spans is None:
+            items = {k: _SCORE.pack(float(s)) for k, s in zip(keys, raw.tolist(), strict=True)}
+        else:
+            items = {
+                k: _SCORE_SPAN.pack(float(s), int(a), int(b))
+                for k, s, (a, b) in zip(keys, raw.tolist(), spans.tolist(), strict=True)
+            }
+        self._guard(lambda: self.backend.set_many(items), None)
+
+    def _guard(self, call: Callable[[], _T], fallback: _T) -> _T:
+        """Run ``call``; on failure warn once per outage and skip the backend for a while."""
+        with self._lock:
+            if time.monotonic() < self._retry_at:
+                return fallback
+        try:
+            result = call()
+        except Exception as err:  # any backend failure: score without the cache
+            with self._lock:
+                first = self._backoff == 0.0
+                self._errors += 1
+                self._backoff = BACKOFF_START if first else min(self._backoff * 2, BACKOFF_MAX)
+                self._retry_at = time.monotonic() + self._backoff
+            if first:
+                logger.warning(
+                    "score cache %r failed (%s: %s); scoring continues without it and "
+                    "retries with back-off",
+                    self.backend,
+                    type(err).__name__,
+                    err,
+                )
+            return fallback
+        with self._lock:
+            recovered = self._backoff != 0.0
+            self._backoff = 0.0
+        if recovered:
+            logger.info("score cache %r is reachable again", self.backend)
+        return result
