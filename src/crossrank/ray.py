@@ -172,7 +172,10 @@ class RerankDeployment:
     async def rerank(
         self, query: str, documents: list[str], top_n: int | None = None
     ) -> list[RerankResult]:
-        """Rank ``documents`` for ``query``, best first (``Reranker.rerank`` over a handle)."""
+        """Rank ``documents`` for ``query``, best first: ``Reranker.rerank`` over a handle.
+
+        As over HTTP, results carry no ``best_span`` (chunk mode still scores by windows).
+        """
         top_n = check_top_n(top_n)
         check_query(query)
         docs = check_documents(documents)
