@@ -268,7 +268,7 @@ def test_serve_answers_exactly_like_the_single_process_server(
     assert denied.status_code == 401
 
 
-def test_handle_calls_are_batched_and_each_gets_its_own_ranking(
+def test_concurrent_handle_calls_each_get_their_own_ranking(
     serve_url: str, tiny_reranker: Reranker
 ) -> None:
     import asyncio
