@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -47,6 +47,21 @@ def serve(
     max_length: Annotated[
         int, typer.Option(min=8, help="Most tokens per (query, document) pair.")
     ] = 512,
+    use_ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve with Ray Serve, one engine per replica, on the cluster at RAY_ADDRESS "
+            "(else a local one); needs the ray extra.",
+        ),
+    ] = False,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: this many replicas (default 1).")
+    ] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(metavar="MIN:MAX", help="With --ray: scale between MIN and MAX replicas."),
+    ] = None,
 ) -> None:
     """Serve a reranker over HTTP: Cohere/Jina (/v1/rerank, /v2/rerank) and TEI (/rerank)
     APIs, Prometheus /metrics, a web UI at /."""
@@ -76,6 +91,26 @@ def serve(
             host,
         )
 
+    if use_ray:
+        _serve_on_ray(
+            host=host,
+            port=port,
+            model=model,
+            replicas=replicas,
+            autoscale=autoscale,
+            device=device,
+            dtype=dtype,
+            max_length=max_length,
+            max_batch_tokens=max_batch_tokens,
+            max_docs=max_docs,
+            max_queue=max_queue,
+            request_timeout=request_timeout,
+            api_key=api_key,
+        )
+        return
+    if replicas is not None or autoscale is not None:
+        raise typer.BadParameter("--replicas and --autoscale need --ray")
+
     def load() -> Reranker:
         return Reranker(
             model, device=device, dtype=dtype, max_length=max_length, batch_tokens=max_batch_tokens
@@ -84,3 +119,20 @@ def serve(
     code = run_server(load, settings, host=host, port=port)
     if code:
         raise typer.Exit(code)
+
+
+def _serve_on_ray(*, host: str, port: int, **options: Any) -> None:
+    """``serve --ray``: the same options, one engine per Ray Serve replica."""
+    from pydantic import ValidationError
+
+    from crossrank.ray import RerankAppArgs, run_app
+
+    try:
+        args = RerankAppArgs(**options)
+    except ValidationError as err:
+        problems = "; ".join(
+            ": ".join([*(".".join(map(str, e["loc"])) for _ in e["loc"][:1]), e["msg"]])
+            for e in err.errors()
+        )
+        raise typer.BadParameter(problems) from None
+    run_app(args, host=host, port=port)

@@ -1,0 +1,416 @@
+"""Scale-out on a local Ray cluster (``ray.init(num_cpus=2)``): Ray Data scoring, Ray Serve.
+
+One cluster for the whole module; actors ask for fractions of a CPU so that a pool and a
+Serve deployment fit on a 2-core machine. Select with ``-m ray``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossrank import Reranker
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def ordered() -> Iterator[None]:
+    """Ray Data keeps block order only when asked to (a process-wide setting)."""
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order = before
+
+
+def _pairs(n: int) -> list[dict]:
+    docs = ["Mars is red.", "", "火星是红色的。", "Le ciel est bleu. " * 7, "read_csv skiprows"]
+    return [
+        {
+            "id": i,
+            "question": ["which planet is red", "什么是熊猫", "quelle couleur"][i % 3],
+            "passage": docs[i % len(docs)] + f" #{i}" * (i % 5),
+        }
+        for i in range(n)
+    ]
+
+
+# --------------------------------------------------------------------------- Ray Data
+def test_score_dataset_scores_every_row_once_like_score_pairs(
+    cluster: None, ordered: None, tiny_model_dir: Path, tiny_reranker: Reranker
+) -> None:
+    from crossrank.ray import score_dataset
+
+    rows = _pairs(3000)
+    ds = ray.data.from_items(rows, override_num_blocks=12)
+    scored = score_dataset(
+        ds,
+        query_col="question",
+        doc_col="passage",
+        out_col="relevance",
+        model=str(tiny_model_dir),
+        concurrency=2,
+        num_cpus=0.5,
+        batch_size=200,
+        device="cpu",
+    ).take_all()
+    assert [r["id"] for r in scored] == list(range(len(rows)))  # none lost, duplicated, moved
+    assert [{k: r[k] for k in ("id", "question", "passage")} for r in scored] == rows
+    expected = tiny_reranker.score_pairs([(r["question"], r["passage"]) for r in rows])
+    np.testing.assert_allclose([r["relevance"] for r in scored], expected, rtol=0, atol=1e-5)
+
+
+def test_score_dataset_names_a_bad_row(cluster: None, tiny_model_dir: Path) -> None:
+    from crossrank.ray import score_dataset
+
+    rows = [{"id": i, "query": "q", "document": f"d{i}"} for i in range(40)]
+    rows[23]["document"] = None
+    ds = score_dataset(
+        ray.data.from_items(rows), model=str(tiny_model_dir), num_cpus=0.5, device="cpu"
+    )
+    with pytest.raises(ray.exceptions.RayError) as err:
+        ds.materialize()
+    assert "row {'id': 23, 'query': 'q', 'document': None}: document must be a str" in str(
+        err.value
+    )
+
+
+def test_score_dataset_checks_its_arguments(cluster: None) -> None:
+    from crossrank.ray import score_dataset
+
+    ds = ray.data.from_items([{"query": "q", "document": "d"}])
+    for kwargs, message in (
+        ({"concurrency": 0}, "concurrency must be"),
+        ({"concurrency": (3, 1)}, "concurrency must be"),
+        ({"batch_size": 0}, "batch_size must be"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            score_dataset(ds, **kwargs)
+
+
+def test_score_file_on_ray_writes_what_the_local_path_writes(
+    cluster: None, ordered: None, tiny_model_dir: Path, tiny_reranker: Reranker, tmp_path: Path
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from crossrank.score_file import score_file, score_local_file
+
+    app = typer.Typer()
+    app.command("score-file")(score_file)
+    app.callback()(lambda: None)
+    rows = [{"id": r["id"], "query": r["question"], "document": r["passage"]} for r in _pairs(300)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    result = CliRunner().invoke(
+        app,
+        [
+            "score-file",
+            str(source),
+            str(tmp_path / "ray.jsonl"),
+            "-m",
+            str(tiny_model_dir),
+            "--ray",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    score_local_file(tiny_reranker, source, tmp_path / "local.jsonl", progress=False)
+    on_ray = [json.loads(line) for line in (tmp_path / "ray.jsonl").read_text("utf-8").splitlines()]
+    local = [
+        json.loads(line) for line in (tmp_path / "local.jsonl").read_text("utf-8").splitlines()
+    ]
+    assert [{k: r[k] for k in ("id", "query", "document")} for r in on_ray] == rows
+    np.testing.assert_allclose(
+        [r["score"] for r in on_ray], [r["score"] for r in local], rtol=0, atol=1e-5
+    )
+
+
+# -------------------------------------------------------------------------- Ray Serve
+QUERY = "Which planet is known as the red planet?"
+DOCS = [
+    "Mars is known as the Red Planet because of iron oxide on its surface.",
+    "Jupiter is the largest planet in the solar system.",
+    "火星因表面的氧化铁而被称为红色星球。",
+    "La tour Eiffel se trouve à Paris.",
+    "",
+    "pandas read_csv accepts skiprows to skip lines at the start of a file.",
+]
+MAX_DOCS = 20
+KEY = "sk-ray-test"
+
+#: (method, path, JSON body): Cohere, Jina and TEI shapes, options, and each kind of error.
+REQUESTS: list[tuple[str, str, object]] = [
+    ("GET", "/health", None),
+    ("GET", "/ready", None),
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/rerank", {"model": "rerank-v3.5", "query": QUERY, "documents": DOCS}),
+    (
+        "POST",
+        "/v2/rerank",
+        {
+            "query": QUERY,
+            "documents": [{"text": d} for d in DOCS],
+            "top_n": 3,
+            "return_documents": True,
+            "return_raw_scores": True,
+            "max_tokens_per_doc": 6,
+        },
+    ),
+    ("POST", "/rerank", {"query": QUERY, "documents": DOCS, "top_n": 2}),
+    ("POST", "/rerank", {"query": QUERY, "texts": DOCS}),
+    ("POST", "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True}),
+    ("POST", "/rerank", {"query": QUERY, "texts": ["a", "planet " * 600], "truncate": False}),
+    ("POST", "/v2/rerank", {"query": " ", "documents": DOCS}),
+    ("POST", "/v2/rerank", {"query": QUERY, "documents": ["d"] * (MAX_DOCS + 1)}),
+    ("POST", "/v2/rerank", {"query": QUERY, "documents": ["a", 3]}),
+    ("POST", "/v1/rerank", {"query": QUERY}),
+]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def serve_url(cluster: None, tiny_model_dir: Path) -> Iterator[str]:
+    """The rerank app on Ray Serve: two replicas of half a CPU each, behind Serve's proxy."""
+    from ray import serve
+
+    from crossrank.ray import RerankAppArgs, build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = RerankAppArgs(
+        model=str(tiny_model_dir),
+        replicas=2,
+        num_cpus=0.5,
+        device="cpu",
+        max_docs=MAX_DOCS,
+        api_key=KEY,
+    )
+    serve.run(build_app(args), name="crossrank-test", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single_process_url(tiny_model_dir: Path) -> Iterator[str]:
+    """``crossrank serve``'s app in this process, with the same settings."""
+    from crossrank.server import ServerSettings, create_app
+    from crossrank.server.runner import BackgroundServer
+
+    reranker = Reranker(str(tiny_model_dir), device="cpu")
+    app = create_app(reranker, ServerSettings(max_docs=MAX_DOCS, api_key=KEY))
+    with BackgroundServer(app) as server:
+        server.wait_ready()
+        yield server.url
+    reranker.close()
+
+
+def _comparable(body: object) -> object:
+    """A response body with its random request id dropped and floats rounded to 1e-5."""
+    if isinstance(body, dict):
+        return {k: _comparable(v) for k, v in body.items() if k != "id"}
+    if isinstance(body, list):
+        return [_comparable(v) for v in body]
+    if isinstance(body, float):
+        return round(body, 5)
+    return body
+
+
+def test_serve_answers_exactly_like_the_single_process_server(
+    serve_url: str, single_process_url: str
+) -> None:
+    import httpx
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for method, path, body in REQUESTS:
+        answers = [
+            httpx.request(method, url + path, json=body, headers=auth, timeout=60)
+            for url in (single_process_url, serve_url)
+        ]
+        single, on_ray = answers
+        assert on_ray.status_code == single.status_code, (path, body, on_ray.text)
+        assert _comparable(on_ray.json()) == _comparable(single.json()), (path, body)
+    # the API key guards the Serve app too
+    denied = httpx.post(serve_url + "/v1/rerank", json={"query": QUERY, "documents": DOCS})
+    assert denied.status_code == 401
+
+
+def test_concurrent_handle_calls_each_get_their_own_ranking(
+    serve_url: str, tiny_reranker: Reranker
+) -> None:
+    import asyncio
+
+    from ray import serve
+
+    handle = serve.get_app_handle("crossrank-test")
+    calls = [(f"{QUERY} {i}", DOCS[: 1 + i % len(DOCS)], 1 + i % 3) for i in range(24)]
+
+    async def call_all() -> list:
+        return await asyncio.gather(*(handle.rerank.remote(q, d, n) for q, d, n in calls))
+
+    answers = asyncio.run(call_all())
+    for (query, docs, top_n), got in zip(calls, answers, strict=True):
+        want = tiny_reranker.rerank(query, docs, top_n=top_n)
+        assert [r.index for r in got] == [r.index for r in want]
+        assert [r.document for r in got] == [r.document for r in want]
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in want], atol=1e-5)
+    with pytest.raises(ValueError, match="query must not be empty"):
+        handle.rerank.remote(" ", DOCS).result(timeout_s=60)
+
+
+def test_a_killed_replica_loses_no_retried_request(serve_url: str, tiny_reranker: Reranker) -> None:
+    """Serve replaces the killed replica; the requests it held fail with a 5xx and succeed
+    when the client retries (rerank is idempotent), so every request is answered, correctly."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    docs = [f"document {i} " * 60 for i in range(MAX_DOCS)]
+    want = tiny_reranker.score(QUERY, docs)
+    retried: list[int] = []
+    done = threading.Semaphore(0)
+
+    def replicas() -> list[str]:
+        names = (a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
+        return sorted(n for n in names if n.startswith("SERVE_REPLICA::crossrank-test#"))
+
+    def rerank(i: int) -> dict:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.post(
+                    serve_url + "/v1/rerank",
+                    json={"query": QUERY, "documents": docs},
+                    headers={"Authorization": f"Bearer {KEY}"},
+                    timeout=60,
+                )
+                if r.status_code < 500:
+                    done.release()
+                    return {"status": r.status_code, "body": r.json()}
+            except httpx.TransportError:
+                pass
+            retried.append(i)
+            assert time.monotonic() < deadline, "a request was never answered"
+            time.sleep(0.2)
+
+    before = replicas()
+    assert len(before) == 2
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(rerank, i) for i in range(36)]
+        for _ in range(8):  # mid-run: after some answers, with six requests in flight
+            done.acquire(timeout=120)
+        victim = _busy_replica(before)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        answers = [f.result() for f in futures]
+    assert retried, "no request failed with the killed replica, so none was retried"
+    for answer in answers:
+        assert answer["status"] == 200
+        scores = {x["index"]: x["relevance_score"] for x in answer["body"]["results"]}
+        assert sorted(scores) == list(range(len(docs)))
+        np.testing.assert_allclose([scores[i] for i in range(len(docs))], want, atol=1e-5)
+    deadline = time.monotonic() + 120
+    while not (len(now := replicas()) == 2 and victim not in now):
+        assert time.monotonic() < deadline, f"Serve did not replace the replica: {now}"
+        time.sleep(0.5)
+
+
+def _busy_replica(names: list[str]) -> str:
+    """A replica that is working on a request right now (so killing it cuts requests off)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for name in names:
+            actor = ray.get_actor(name, namespace="serve")
+            if ray.get(actor.get_num_ongoing_requests.remote(), timeout=10) > 0:
+                return name
+    raise TimeoutError("no replica was busy")
+
+
+# ----------------------------------------------------------------- crossrank serve --ray
+def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The options map onto :class:`RerankAppArgs` (what ``run_app`` deploys: the Serve app
+    itself is tested above through ``build_app``)."""
+    import typer
+    from typer.testing import CliRunner
+
+    import crossrank.ray
+    from crossrank.server.cli import serve
+
+    app = typer.Typer()
+    app.command("serve")(serve)
+    app.callback()(lambda: None)
+    calls: list[tuple] = []
+    monkeypatch.setattr(crossrank.ray, "run_app", lambda args, **kw: calls.append((args, kw)))
+    monkeypatch.delenv("CROSSRANK_API_KEY", raising=False)
+
+    def invoke(*args: str):
+        return CliRunner().invoke(app, ["serve", "-m", "some/model", *args])
+
+    result = invoke("--ray", "--autoscale", "2:8", "--port", "9001", "--max-docs", "30")
+    assert result.exit_code == 0, result.output
+    args, kw = calls.pop()
+    assert kw == {"host": "127.0.0.1", "port": 9001}
+    assert (args.model, args.autoscale, args.replicas, args.max_docs) == (
+        "some/model",
+        (2, 8),
+        None,
+        30,
+    )
+    assert args.api_key is None
+
+    result = invoke("--ray", "--replicas", "3", "--api-key", "sk-secret-1", "--device", "cuda")
+    assert result.exit_code == 0, result.output
+    args, _ = calls.pop()
+    assert (args.replicas, args.autoscale, args.device) == (3, None, "cuda")
+    assert args.api_key.get_secret_value() == "sk-secret-1" and "sk-secret" not in repr(args)
+
+    from crossrank.ray import RerankAppArgs
+
+    monkeypatch.setenv("CROSSRANK_API_KEY", "sk-from-env")  # where a config file's app is built
+    assert RerankAppArgs.model_validate({}).api_key.get_secret_value() == "sk-from-env"
+
+    for bad, message in (
+        (["--replicas", "2"], "need --ray"),
+        (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not both"),
+        (["--ray", "--autoscale", "3:1"], "MIN <= MAX"),
+        (["--ray", "--autoscale", "4"], "MIN:MAX"),
+    ):
+        result = invoke(*bad)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), bad
+    assert not calls
