@@ -14,6 +14,8 @@ from rich.table import Table
 
 from crossrank.engine import DEFAULT_MODEL
 from crossrank.loading import ModelLoadError
+from crossrank.score_file import score_file
+from crossrank.server.cli import serve
 
 app = typer.Typer(
     help="crossrank: fast cross-encoder reranking for RAG pipelines.",
@@ -103,3 +105,8 @@ def rerank(
         preview = result.document if len(result.document) <= 200 else result.document[:200] + "…"
         table.add_row(str(rank), f"{result.score:.4f}", str(result.index), preview)
     Console().print(table)
+
+
+# Commands defined beside their features; their heavy dependencies load only when they run.
+app.command()(serve)
+app.command("score-file")(score_file)
