@@ -9,14 +9,15 @@ count. In the last layer only the CLS rows go through attention output and feed-
 since nothing else is read.
 
 It reuses the loaded Hugging Face model's weights; the only copy is a fused query/key/value
-matrix per layer (plus bias vectors adjusted so residual adds happen inside the matmuls). Supported: XLM-RoBERTa / RoBERTa / CamemBERT
-(bge-reranker-v2-m3, the BGE rerankers) and BERT (ms-marco MiniLM cross-encoders) sequence
-classifiers with absolute positions and GELU. ``TorchPaddedRunner`` stays the reference and the
+matrix per layer (plus bias vectors adjusted so residual adds happen inside the matmuls).
+Supported: XLM-RoBERTa / RoBERTa / CamemBERT (bge-reranker-v2-m3, the BGE rerankers) and BERT
+(ms-marco MiniLM cross-encoders) sequence classifiers with absolute positions and GELU. ``TorchPaddedRunner`` stays the reference and the
 CPU path; the CPU code here (per-sequence SDPA) exists so the packing logic is tested in CI.
 
-On CUDA, for small batches (one interactive request) the whole forward pass is replayed from a
-CUDA graph captured per (token bucket, sequence slots, max-length bucket), which removes the
-per-kernel launch cost; larger batches run eagerly, where the GPU is the bottleneck anyway.
+On CUDA, small passes (up to ``graph_max_tokens``) are replayed from a CUDA graph captured per
+(token bucket, sequence slots, max-length bucket), which removes the per-kernel launch cost;
+larger passes run eagerly, where the GPU is the bottleneck anyway. Measurements of every
+choice: ``docs/gpu-fast-path.md``.
 """
 
 from __future__ import annotations
