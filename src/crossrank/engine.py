@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 
 from crossrank.batching import BatchObserver, MicroBatcher, plan_batches
 from crossrank.cache import Cache, CacheStats, ScoreCache, open_cache
+from crossrank.dispatch import chunk_sizes, run_on_devices, score_overlapped
 from crossrank.loading import load, resolve_device, resolve_dtype
 from crossrank.longdoc import DocScores, LongDocs, aggregate
+from crossrank.packed import PackedOptions, choose_runner
 from crossrank.result import RerankResult
-from crossrank.runners import Runner, TorchPaddedRunner
+from crossrank.runners import Runner
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 from crossrank.validation import (
     check_documents,
@@ -45,6 +47,12 @@ DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 # on CUDA a larger pass keeps the GPU busy and stays far from memory limits for a
 # 24-layer, 1024-wide model.
 _DEFAULT_BATCH_TOKENS = {"cpu": 8192, "mps": 16384, "cuda": 65536}
+# With a packed runner a call of more than _OVERLAP_MIN_PAIRS pairs is tokenized chunk by chunk
+# (the first chunk small, later ones up to _OVERLAP_PAIRS pairs) while the GPU scores the
+# previous chunk; smaller calls are faster in one pass (measured: benchmarks/gpu_peers.py).
+_OVERLAP_MIN_PAIRS = 128
+_FIRST_CHUNK = 16
+_OVERLAP_PAIRS = 256
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class Reranker:
         self,
         model_name_or_path: str = DEFAULT_MODEL,
         *,
-        device: str | torch.device = "auto",
+        device: str | torch.device | Sequence[str | torch.device] = "auto",
         dtype: str | torch.dtype = "auto",
         max_length: int = 512,
         query_max_length: int | None = None,
@@ -107,7 +115,20 @@ class Reranker:
         chunk_overlap: int | None = None,
         aggregate: str = "max",
         cache: str | Cache | None = None,
+        fast_path: bool | PackedOptions | None = None,
+        split_tokens: int = 16384,
     ) -> None:
+        """``fast_path``: ``None`` picks the packed (padding-free) CUDA runner where it applies,
+        ``False`` forces the padded reference runner, ``True`` or :class:`PackedOptions` forces
+        the packed one. ``device`` may list several devices (``["cuda:0", "cuda:1"]``): one
+        replica per device, and synchronous calls of at least ``split_tokens`` tokens are
+        split across them."""
+        devices = [device] if isinstance(device, (str, torch.device)) else list(device)
+        if not devices:
+            raise ValueError("device must be a device or a non-empty list of devices")
+        device = devices[0]
+        if isinstance(split_tokens, bool) or not isinstance(split_tokens, int) or split_tokens < 1:
+            raise ValueError(f"split_tokens must be a positive int, got {split_tokens!r}")
         self.long_docs = LongDocs(long_docs, chunk_tokens, chunk_overlap, aggregate)
         backend = open_cache(cache)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
@@ -157,7 +178,30 @@ class Reranker:
             if backend is None
             else ScoreCache(backend, self._cache_fingerprint(), with_spans=self.long_docs.chunked)
         )
-        self.runner: Runner = TorchPaddedRunner(self.model, self.device, self.tokenizer.pad_id)
+        self.runner: Runner = choose_runner(
+            self.model, self.device, self.tokenizer.pad_id, fast_path
+        )
+        self.split_tokens = split_tokens
+        self._replicas = [
+            Reranker(
+                model_name_or_path,
+                device=d,
+                dtype=dtype,
+                max_length=max_length,
+                query_max_length=query_max_length,
+                normalize=normalize,
+                batch_tokens=batch_tokens,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                trust_remote_code=trust_remote_code,
+                fast_path=fast_path,
+            )
+            for d in devices[1:]
+        ]
+        self._call_pool = ThreadPoolExecutor(
+            max_workers=len(devices) + 1, thread_name_prefix="crossrank-call"
+        )
         self._model_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-forward")
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MicroBatcher] = (
@@ -386,8 +430,11 @@ class Reranker:
         self.score("warm up", ["crossrank"])
 
     def close(self) -> None:
-        """Stop the forward-pass worker thread."""
+        """Stop the worker threads (of the replicas too)."""
         self._executor.shutdown(wait=True)
+        self._call_pool.shutdown(wait=True)
+        for replica in self._replicas:
+            replica.close()
 
     # -------------------------------------------------------------------- internals
     def _observe(self, pairs: int, tokens: int) -> None:
@@ -399,9 +446,26 @@ class Reranker:
         raw = logits[:, 1] - logits[:, 0] if self.num_labels == 2 else logits[:, 0]
         return np.ascontiguousarray(raw, dtype=np.float32)
 
+    def _score_texts(
+        self, queries: list[str], documents: list[str], show_progress: bool
+    ) -> np.ndarray:
+        if self.runner.packed and len(documents) > _OVERLAP_MIN_PAIRS and not show_progress:
+            sizes = chunk_sizes(len(documents), _FIRST_CHUNK, _OVERLAP_PAIRS)
+            return score_overlapped(
+                self.encode, self._score_encoded, queries, documents, sizes, self._call_pool
+            )
+        return self._score_encoded(self.encode(queries, documents), show_progress)
+
     def _score_encoded(self, encoded: EncodedPairs, show_progress: bool = False) -> np.ndarray:
+        packed = self.runner.packed
+        if self._replicas and encoded.total_tokens >= self.split_tokens:
+            budget = min(self.batch_tokens, -(-encoded.total_tokens // (len(self._replicas) + 1)))
+            budget = max(budget, int(encoded.lengths.max()))
+            batches = plan_batches(encoded.lengths, budget, packed=packed)
+            forwards = [self.forward, *(r.forward for r in self._replicas)]
+            return run_on_devices(forwards, encoded, batches, self._call_pool)
         out = np.empty(len(encoded), dtype=np.float32)
-        batches = plan_batches(encoded.lengths, self.batch_tokens, packed=self.runner.packed)
+        batches = plan_batches(encoded.lengths, self.batch_tokens, packed=packed)
         for rows in tqdm(batches, desc="scoring", unit="batch", disable=not show_progress):
             out[rows] = self.forward(encoded.take(rows))
         return out
@@ -413,6 +477,9 @@ class Reranker:
         show_progress: bool = False,
         max_doc_tokens: int | None = None,
     ) -> DocScores:
+        if self._cache is None and not self.long_docs.chunked and max_doc_tokens is None:
+            # the common path: one score per pair, tokenization overlapped with the GPU
+            return DocScores(self._score_texts(queries, documents, show_progress), None)
         job = self._prepare(queries, documents, max_doc_tokens)
         return self._complete(job, self._score_encoded(job.encoded, show_progress))
 

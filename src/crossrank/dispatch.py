@@ -1,0 +1,92 @@
+"""Spreading one scoring call over time (tokenize while the GPU works) and over devices.
+
+Both are plain threads: the fast tokenizer releases the GIL while it encodes and a CUDA
+forward pass spends its time waiting on the device, so one process keeps a GPU (or several)
+busy without a process pool, and small calls pay nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, wait
+
+import numpy as np
+
+from crossrank.tokenization import EncodedPairs
+
+Encode = Callable[[Sequence[str], Sequence[str]], EncodedPairs]
+Score = Callable[[EncodedPairs], np.ndarray]
+
+
+def chunk_sizes(n: int, first: int, largest: int, growth: int = 4) -> list[int]:
+    """Chunk sizes for :func:`score_overlapped`: a small first chunk (it is tokenized before
+    the GPU has anything to do), then chunks growing ``growth``-fold up to ``largest``; a
+    tail smaller than half the next chunk is merged into it."""
+    sizes: list[int] = []
+    size, left = first, n
+    while left:
+        take = min(size, left)
+        if left - take < take // 2:
+            take = left
+        sizes.append(take)
+        left -= take
+        size = min(size * growth, largest)
+    return sizes
+
+
+def score_overlapped(
+    encode: Encode,
+    score: Score,
+    queries: Sequence[str],
+    documents: Sequence[str],
+    sizes: Sequence[int],
+    executor: Executor,
+) -> np.ndarray:
+    """Score pairs in chunks of ``sizes``, tokenizing chunk ``k + 1`` on ``executor`` while
+    chunk ``k`` is scored on the calling thread; float32 scores in input order."""
+    out = np.empty(len(documents), dtype=np.float32)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    if bounds[-1] != len(documents):
+        raise ValueError(f"chunk sizes add up to {bounds[-1]}, not {len(documents)} pairs")
+    pending = executor.submit(encode, queries[: bounds[1]], documents[: bounds[1]])
+    for k in range(len(sizes)):
+        encoded = pending.result()
+        if k + 1 < len(sizes):
+            lo, hi = bounds[k + 1], bounds[k + 2]
+            pending = executor.submit(encode, queries[lo:hi], documents[lo:hi])
+        out[bounds[k] : bounds[k + 1]] = score(encoded)
+    return out
+
+
+def assign_batches(costs: Sequence[int], devices: int) -> list[list[int]]:
+    """Give each batch (by index) to the device with the least work so far, largest first."""
+    loads = [0] * devices
+    groups: list[list[int]] = [[] for _ in range(devices)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        k = loads.index(min(loads))
+        groups[k].append(i)
+        loads[k] += costs[i]
+    return groups
+
+
+def run_on_devices(
+    forwards: Sequence[Score],
+    encoded: EncodedPairs,
+    batches: Sequence[np.ndarray],
+    executor: Executor,
+) -> np.ndarray:
+    """Run ``batches`` (row indices into ``encoded``) over several devices at once, one thread
+    per device; each ``forwards[k]`` scores on device ``k``. Scores come back in input order."""
+    out = np.empty(len(encoded), dtype=np.float32)
+    costs = [int(encoded.lengths[rows].sum()) for rows in batches]
+    groups = assign_batches(costs, len(forwards))
+
+    def work(device: int) -> None:
+        for i in groups[device]:
+            out[batches[i]] = forwards[device](encoded.take(batches[i]))
+
+    futures = [executor.submit(work, k) for k in range(len(forwards)) if groups[k]]
+    wait(futures)
+    for future in futures:
+        future.result()  # re-raise the first failure
+    return out

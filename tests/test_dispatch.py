@@ -1,0 +1,101 @@
+"""Spreading a call over time (tokenize while scoring) and over devices (replicas)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from crossrank import Reranker
+from crossrank.dispatch import assign_batches, chunk_sizes, run_on_devices, score_overlapped
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 20, 24, 50, 100, 129, 300, 2000, 5001])
+def test_chunk_sizes_cover_every_pair(n: int) -> None:
+    sizes = chunk_sizes(n, 16, 256)
+    assert sum(sizes) == n
+    assert all(s > 0 for s in sizes)
+    assert sizes[0] <= 24  # the first chunk stays small (up to 16 plus a merged tail)
+    assert all(s <= 384 for s in sizes)  # at most the largest chunk plus a merged tail
+    if len(sizes) > 1:
+        assert sizes[-1] >= min(8, n)
+
+
+def test_score_overlapped_keeps_order_and_tokenizes_off_thread() -> None:
+    queries = [f"q{i}" for i in range(100)]
+    docs = [f"d{i}" for i in range(100)]
+    threads: set[str] = set()
+
+    def encode(qs, ds):
+        threads.add(threading.current_thread().name)
+        return [int(d[1:]) for d in ds]
+
+    def score(encoded):
+        return np.asarray(encoded, dtype=np.float32) * 2
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tok") as pool:
+        out = score_overlapped(encode, score, queries, docs, [16, 64, 20], pool)
+        with pytest.raises(ValueError, match="add up to 99"):
+            score_overlapped(encode, score, queries, docs, [16, 83], pool)
+    np.testing.assert_array_equal(out, np.arange(100, dtype=np.float32) * 2)
+    assert threads and all(name.startswith("tok") for name in threads)
+
+
+def test_assign_batches_balances_tokens() -> None:
+    costs = [900, 100, 500, 500, 300, 200]
+    groups = assign_batches(costs, 2)
+    assert sorted(i for g in groups for i in g) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in g) for g in groups]
+    assert max(loads) - min(loads) <= 100
+
+
+def test_run_on_devices_writes_every_row_once(tiny_reranker) -> None:
+    encoded = tiny_reranker.encode(["q"] * 7, [f"document {i} " * (i + 1) for i in range(7)])
+    calls: list[tuple[int, int]] = []
+
+    def forward_for(device: int):
+        def forward(part):
+            calls.append((device, len(part)))
+            return part.lengths.astype(np.float32)
+
+        return forward
+
+    batches = [np.array([0, 1]), np.array([2, 3, 4]), np.array([5]), np.array([6])]
+    with ThreadPoolExecutor(2) as pool:
+        out = run_on_devices([forward_for(0), forward_for(1)], encoded, batches, pool)
+    np.testing.assert_array_equal(out, encoded.lengths.astype(np.float32))
+    assert {d for d, _ in calls} == {0, 1}
+    assert sum(n for _, n in calls) == 7
+
+
+def test_several_devices_score_like_one(tiny_model_dir, tiny_reranker, xquad) -> None:
+    docs = [it["context"] for it in xquad["questions"][:40]]
+    query = xquad["questions"][1]["question"]
+    split = Reranker(str(tiny_model_dir), device=["cpu", "cpu"], split_tokens=64)
+    assert len(split._replicas) == 1
+    forwards: list[int] = []
+    for replica in (split, split._replicas[0]):
+        original = replica.forward
+
+        def counting(encoded, original=original, replica=replica):
+            forwards.append(id(replica))
+            return original(encoded)
+
+        replica.forward = counting  # type: ignore[method-assign]
+    got = split.score(query, docs, normalize=False)
+    want = tiny_reranker.score(query, docs, normalize=False)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert len(set(forwards)) == 2, "both replicas scored part of the call"
+    forwards.clear()
+    split.score(query, docs[:1])  # below split_tokens: one device, no split
+    assert len(set(forwards)) == 1
+    split.close()
+
+
+def test_device_options_are_checked(tiny_model_dir) -> None:
+    with pytest.raises(ValueError, match="non-empty list"):
+        Reranker(str(tiny_model_dir), device=[])
+    with pytest.raises(ValueError, match="split_tokens must be a positive int"):
+        Reranker(str(tiny_model_dir), device="cpu", split_tokens=0)
