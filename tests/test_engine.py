@@ -256,9 +256,18 @@ def test_tokenizer_called_once_for_query_cap_and_once_for_all_pairs(
         calls.append(len(text) if isinstance(text, list) else 1)
         return original(self, text, *args, **kwargs)
 
+    pair_calls: list[int] = []
+    encode_pairs = rr.tokenizer._encode_pairs
+
+    def counting_pairs(queries: list[str], documents: list[str]):
+        pair_calls.append(len(documents))
+        return encode_pairs(queries, documents)
+
     monkeypatch.setattr(type(tok), "__call__", counting)
+    monkeypatch.setattr(rr.tokenizer, "_encode_pairs", counting_pairs)
     rr.score("one query", [f"doc {i}" for i in range(50)])
-    assert calls == [1, 50]
+    assert calls == [1]  # the query, once, for its cap
+    assert pair_calls == [50]  # every pair in one batched Rust call
 
 
 async def test_async_api_matches_sync_and_does_not_block_the_loop(
