@@ -1,0 +1,87 @@
+"""LangChain front door: a document compressor and a cross-encoder over the shared engine.
+
+``CrossRankCompressor`` drops into ``ContextualCompressionRetriever`` (sync and async);
+``CrossRankCrossEncoder`` plugs into LangChain's own ``CrossEncoderReranker``. Both are thin:
+they turn ``Document`` objects into texts and engine results back into ``Document`` objects.
+Install with ``pip install crossrank[langchain]`` (needs ``langchain-core`` only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from langchain_core.callbacks import Callbacks
+from langchain_core.cross_encoders import BaseCrossEncoder
+from langchain_core.documents import BaseDocumentCompressor, Document
+from pydantic import ConfigDict, Field
+
+from crossrank._adapter import EngineConfig, RankingConfig, check_items, span_metadata
+from crossrank.result import RerankResult
+from crossrank.validation import check_pairs
+
+__all__ = ["CrossRankCompressor", "CrossRankCrossEncoder"]
+
+
+class CrossRankCompressor(RankingConfig, BaseDocumentCompressor):
+    """Rerank retrieved documents with a cross-encoder, best first, writing each score.
+
+    Returns new ``Document`` objects (the inputs are left untouched) with the original
+    ``id``, ``page_content`` and metadata, plus the score as a plain ``float`` under
+    ``score_key`` (and ``relevance_span`` when the engine scored a long document by windows).
+    ``score_threshold`` is applied first, then ``top_n``. The model loads on first use and is
+    shared with every other adapter using the same model and options.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    score_key: str = Field(
+        default="relevance_score", description="Metadata key the score is written under."
+    )
+
+    def compress_documents(
+        self,
+        documents: Sequence[Document],
+        query: str,
+        callbacks: Callbacks | None = None,
+    ) -> list[Document]:
+        """Rerank ``documents`` for ``query``; ``callbacks`` are accepted and unused."""
+        docs = check_items(documents, Document, "documents")
+        return self._to_documents(docs, self.rank(query, [d.page_content for d in docs]))
+
+    async def acompress_documents(
+        self,
+        documents: Sequence[Document],
+        query: str,
+        callbacks: Callbacks | None = None,
+    ) -> list[Document]:
+        """Async :meth:`compress_documents`, sharing forward passes with concurrent calls."""
+        docs = check_items(documents, Document, "documents")
+        return self._to_documents(docs, await self.arank(query, [d.page_content for d in docs]))
+
+    def _to_documents(self, docs: list[Document], results: list[RerankResult]) -> list[Document]:
+        return [
+            docs[r.index].model_copy(
+                update={
+                    "metadata": {
+                        **docs[r.index].metadata,
+                        **span_metadata(r),
+                        self.score_key: r.score,
+                    }
+                }
+            )
+            for r in results
+        ]
+
+
+class CrossRankCrossEncoder(EngineConfig, BaseCrossEncoder):
+    """A LangChain ``BaseCrossEncoder`` over the shared engine, e.g. for
+    ``CrossEncoderReranker(model=CrossRankCrossEncoder(), top_n=5)``."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    def score(self, text_pairs: list[tuple[str, str]]) -> list[float]:
+        """Scores of ``[(query, document), ...]`` in input order, as plain floats."""
+        if not check_pairs(text_pairs)[0]:
+            return []
+        scores: list[float] = self.engine.score_pairs(text_pairs).tolist()
+        return scores

@@ -1,0 +1,122 @@
+"""LlamaIndex front door: a node postprocessor over the shared engine.
+
+``CrossRankRerank`` goes in ``node_postprocessors=[...]`` of any query engine or retriever
+pipeline. It is thin: node texts go to the engine, engine results come back as new
+``NodeWithScore`` objects. Install with ``pip install crossrank[llama-index]`` (needs
+``llama-index-core`` only).
+"""
+
+from __future__ import annotations
+
+from llama_index.core.bridge.pydantic import ConfigDict, Field
+from llama_index.core.callbacks import CBEventType, EventPayload
+from llama_index.core.callbacks.base import EventContext
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
+
+from crossrank._adapter import SPAN_KEY, RankingConfig, check_items, span_metadata
+from crossrank.result import RerankResult
+
+__all__ = ["CrossRankRerank"]
+
+dispatcher = get_dispatcher(__name__)
+
+
+class CrossRankRerank(RankingConfig, BaseNodePostprocessor):
+    """Rerank retrieved nodes with a cross-encoder, best first.
+
+    Returns new ``NodeWithScore`` objects holding copies of the nodes (the inputs are left
+    untouched) with the score as a plain ``float``. ``score_threshold`` is applied first,
+    then ``top_n``. With ``keep_retrieval_score`` the retriever's score is kept in
+    ``metadata["retrieval_score"]``; a long document scored by windows gets its best span in
+    ``metadata["relevance_span"]`` (hidden from LLM and embedding text). Emits
+    ``ReRankStartEvent``/``ReRankEndEvent`` and the legacy ``RERANKING`` callback event. The
+    model loads on first use and is shared with every adapter using the same model and
+    options; ``to_dict``/``from_dict`` and pickling carry the settings, never the weights.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    keep_retrieval_score: bool = Field(
+        default=False, description="Keep the retriever's score in metadata['retrieval_score']."
+    )
+    metadata_mode: MetadataMode = Field(
+        default=MetadataMode.EMBED, description="Which metadata is part of the scored text."
+    )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CrossRankRerank"
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        items, query = self._start(nodes, query_bundle)
+        with self.callback_manager.event(
+            CBEventType.RERANKING, payload=self._payload(items, query)
+        ) as event:
+            results = self.rank(query, self._texts(items))
+            return self._end(items, results, event)
+
+    async def _apostprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        items, query = self._start(nodes, query_bundle)
+        with self.callback_manager.event(
+            CBEventType.RERANKING, payload=self._payload(items, query)
+        ) as event:
+            results = await self.arank(query, self._texts(items))
+            return self._end(items, results, event)
+
+    def _start(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
+    ) -> tuple[list[NodeWithScore], str]:
+        if query_bundle is None:
+            raise ValueError(
+                "CrossRankRerank needs a query: call postprocess_nodes(nodes, query_str=...) "
+                "or pass a QueryBundle"
+            )
+        items = check_items(nodes, NodeWithScore, "nodes")
+        dispatcher.event(
+            ReRankStartEvent(
+                query=query_bundle,
+                nodes=items,
+                top_n=len(items) if self.top_n is None else self.top_n,
+                model_name=self.model_name,
+            )
+        )
+        return items, query_bundle.query_str
+
+    def _payload(self, nodes: list[NodeWithScore], query: str) -> dict[str, object]:
+        return {
+            EventPayload.NODES: nodes,
+            EventPayload.MODEL_NAME: self.model_name,
+            EventPayload.QUERY_STR: query,
+            EventPayload.TOP_K: self.top_n,
+        }
+
+    def _texts(self, nodes: list[NodeWithScore]) -> list[str]:
+        return [n.node.get_content(metadata_mode=self.metadata_mode) for n in nodes]
+
+    def _end(
+        self, nodes: list[NodeWithScore], results: list[RerankResult], event: EventContext
+    ) -> list[NodeWithScore]:
+        ranked = [
+            NodeWithScore(node=self._copy_node(nodes[r.index], r), score=r.score) for r in results
+        ]
+        event.on_end(payload={EventPayload.NODES: ranked})
+        dispatcher.event(ReRankEndEvent(nodes=ranked))
+        return ranked
+
+    def _copy_node(self, original: NodeWithScore, result: RerankResult) -> BaseNode:
+        node = original.node
+        metadata = {**node.metadata, **span_metadata(result)}
+        if self.keep_retrieval_score:
+            metadata["retrieval_score"] = original.score
+        update: dict[str, object] = {"metadata": metadata}
+        if SPAN_KEY in metadata:
+            for key in ("excluded_llm_metadata_keys", "excluded_embed_metadata_keys"):
+                update[key] = [*(k for k in getattr(node, key) if k != SPAN_KEY), SPAN_KEY]
+        return node.model_copy(update=update)
