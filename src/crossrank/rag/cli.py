@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import track
+from rich.text import Text
 
 from crossrank.engine import Reranker
 from crossrank.loading import ModelLoadError
@@ -78,7 +79,7 @@ class Dataset(str, Enum):
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     return typer.Exit(code=code)
 
 
@@ -222,10 +223,14 @@ def eval_command(
         "retrieve": [],
         "rerank": [],
     }
+    indexes: dict[tuple[str, ...], DenseIndex] = {}  # tasks with the same pool share an index
     for task, corpus in tasks.items():
         queries = corpus.queries[:max_queries]
-        index, index_s = _timed_index(embedder, corpus.passages)
-        stages["embed passages + build index"].append(index_s)
+        pool = tuple(p.id for p in corpus.passages)
+        if pool not in indexes:
+            indexes[pool], index_s = _timed_index(embedder, corpus.passages)
+            stages["embed passages + build index"].append(index_s)
+        index = indexes[pool]
         pipeline = Pipeline(index, reranker, top_k=top_k)
         runs = []
         for run in track(

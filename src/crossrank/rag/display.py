@@ -49,7 +49,8 @@ def before_after_table(
     after = {pid: (rank, score) for rank, (pid, score) in enumerate(reranked, 1)}
     kept = [pid for pid, _ in reranked[:top_n]]
     dropped = [pid for pid in retrieved_ids[:top_n] if pid not in kept]
-    table = Table(title=f"{query}", title_justify="left", caption_justify="left")
+    # Text, not str, everywhere: passages and answers hold brackets that rich reads as markup.
+    table = Table(title=Text(query), title_justify="left", caption_justify="left")
     table.caption = f"{len(retrieved_ids)} retrieved → top {len(kept)} after reranking" + (
         f"; below the line: retrieval top {top_n} that reranking pushed out" if dropped else ""
     )
@@ -79,7 +80,7 @@ def before_after_table(
             if relevant is not None:
                 grade = relevant.get(pid, 0)
                 cells.append(Text("★" * grade or "·", "yellow" if grade else "dim"))
-            cells += [pid, preview(texts[pid])]
+            cells += [Text(pid), Text(preview(texts[pid]))]
             table.add_row(*cells, style="dim" if section else None)
     return table
 
@@ -148,4 +149,4 @@ def dry_run_panel(prompt: str) -> Panel:
 
 
 def answer_panel(answer: str, model: str) -> Panel:
-    return Panel(answer, title=f"LLM answer ({model})", border_style="green")
+    return Panel(Text(answer), title=Text(f"LLM answer ({model})"), border_style="green")

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from crossrank.engine import DEFAULT_MODEL as DEFAULT_RERANK_MODEL
 from crossrank.engine import Reranker
 from crossrank.loading import ModelLoadError, _looks_like_path, resolve_device
+from crossrank.registry import get_reranker
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -129,5 +130,6 @@ def load_embedder(name: str = DEFAULT_EMBED_MODEL, *, device: str = "auto") -> S
 
 
 def load_reranker(name: str = DEFAULT_RERANK_MODEL, *, device: str = "auto") -> Reranker:
-    """The crossrank engine for ``name``, loaded from the local cache when the Hub is down."""
-    return Reranker(name, device=device, local_files_only=local_files_only(name))
+    """The shared crossrank engine for ``name`` (see :mod:`crossrank.registry`), loaded from
+    the local cache when the Hub is down."""
+    return get_reranker(name, device=device, local_files_only=local_files_only(name))
