@@ -103,9 +103,3 @@ def rerank(
         preview = result.document if len(result.document) <= 200 else result.document[:200] + "…"
         table.add_row(str(rank), f"{result.score:.4f}", str(result.index), preview)
     Console().print(table)
-
-
-from crossrank.rag.cli import demo, eval_command  # noqa: E402  TEMP (lead registers)
-
-app.command("demo")(demo)
-app.command("eval")(eval_command)
