@@ -61,8 +61,8 @@ def test_demo_runs_offline_as_a_labelled_dry_run(
         assert demo_corpus.query(qid).text in out
     assert out.count("50 retrieved → top 5 after reranking") == len(DEMO_QUERY_IDS)
     assert out.count("LLM step: DRY RUN") == len(DEMO_QUERY_IDS)
-    assert "exact prompt the LLM would receive" in out and "Answer:" in out
-    assert "RANDOM WEIGHTS" in out and "MEANINGLESS" in out
+    assert out.count("Answer:") == len(DEMO_QUERY_IDS)
+    assert out.count("WARNING: RANDOM-WEIGHT RERANKER") == 2  # before and after the results
     assert "Stage timings" in out and "rerank 50 → 5 (crossrank)" in out
 
 

@@ -252,6 +252,8 @@ def test_model_loading_errors_are_clear(tmp_path: Path, tiny_model_dir: Path) ->
         models.load_embedder(str(tmp_path / "nope"), device="cpu")
     with pytest.raises(ModelLoadError, match="does not exist"):
         models.load_reranker(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(ModelLoadError, match=r"is a cross-encoder .* --rerank-model"):
+        models.load_embedder(str(tiny_model_dir), device="cpu")
     assert models.load_reranker(str(tiny_model_dir), device="cpu") is models.load_reranker(
         str(tiny_model_dir), device="cpu"
     )

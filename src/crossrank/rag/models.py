@@ -9,9 +9,11 @@ load from the local Hugging Face cache or fail at once with a :class:`ModelLoadE
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
@@ -117,6 +119,14 @@ def load_embedder(name: str = DEFAULT_EMBED_MODEL, *, device: str = "auto") -> S
 
     if _looks_like_path(name) and not _is_local(name):
         raise ModelLoadError(f"embedding model path {name!r} does not exist")
+    config = Path(os.path.expanduser(name), "config.json")
+    if config.is_file():
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise ModelLoadError(
+                f"{name!r} is a cross-encoder (sequence classification), not an embedding "
+                "model: pass it as the reranker (--rerank-model) instead"
+            )
     offline = local_files_only(name)
     try:
         return SentenceTransformer(
