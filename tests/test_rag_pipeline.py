@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -239,10 +238,8 @@ def test_local_files_only_decisions(
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(models, "_hub_reachable", lambda: False)
-    began = time.perf_counter()
     with pytest.raises(ModelLoadError, match="Hugging Face Hub cannot be reached"):
         models.local_files_only("BAAI/bge-m3")
-    assert time.perf_counter() - began < 5
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert models.local_files_only("BAAI/bge-m3") is True
 
