@@ -214,21 +214,6 @@ def test_evaluate_scores_our_order_with_ir_measures() -> None:
     assert result["retrieval"]["nDCG@5"] == pytest.approx(got / ideal)
 
 
-def test_pipeline_metrics_on_the_demo_corpus(
-    demo_index: DenseIndex, demo_corpus: Corpus, tiny_reranker: Reranker
-) -> None:
-    runs = list(Pipeline(demo_index, tiny_reranker).run_many([q.text for q in demo_corpus.queries]))
-    result = evaluate(
-        demo_corpus, [(q.id, r) for q, r in zip(demo_corpus.queries, runs, strict=True)]
-    )
-    for system in ("retrieval", "retrieval+rerank"):
-        assert all(0.0 <= v <= 1.0 for v in result[system].values())
-        assert result[system]["Recall@50"] >= result[system]["Recall@5"]
-    assert result["retrieval"]["Recall@50"] == result["retrieval+rerank"]["Recall@50"]
-    # MiniLM on these trap queries finds a relevant passage near the top for most queries.
-    assert result["retrieval"]["MRR@10"] > 0.5
-
-
 # ------------------------------------------------------------------------------- models
 def test_local_files_only_decisions(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
@@ -249,7 +234,7 @@ def test_model_loading_errors_are_clear(tmp_path: Path, tiny_model_dir: Path) ->
         models.load_embedder(str(tmp_path / "nope"), device="cpu")
     with pytest.raises(ModelLoadError, match="does not exist"):
         models.load_reranker(str(tmp_path / "nope"), device="cpu")
-    with pytest.raises(ModelLoadError, match=r"is a cross-encoder .* --rerank-model"):
+    with pytest.raises(ModelLoadError, match=r"is a cross-encoder .*\(--rerank-model\)"):
         models.load_embedder(str(tiny_model_dir), device="cpu")
     assert models.load_reranker(str(tiny_model_dir), device="cpu") is models.load_reranker(
         str(tiny_model_dir), device="cpu"

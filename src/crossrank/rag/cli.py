@@ -268,7 +268,10 @@ def eval_command(
             "top_k": top_k,
             "device": str(reranker.device),
             "tasks": payload_tasks,
-            "timings_s": {stage: sum(seconds) for stage, seconds in stages.items()},
+            "timings": {
+                stage: {"calls": len(seconds), "total_s": sum(seconds)}
+                for stage, seconds in stages.items()
+            },
         }
         json_path.write_text(
             json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
