@@ -27,6 +27,9 @@ TINY_CONFIG: dict[str, Any] = {
     "initializer_range": 0.3,
 }
 SKELETON = "models/bge-reranker-v2-m3-skeleton"
+#: Marker file written next to every random-weight model, so tools can refuse to present its
+#: scores as real (see :func:`is_random_reranker`).
+RANDOM_WEIGHTS_FILE = "RANDOM_WEIGHTS.txt"
 
 
 def shared_dir() -> Path | None:
@@ -60,7 +63,12 @@ def build_random_reranker(
     model = AutoModelForSequenceClassification.from_config(config)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(skeleton_dir, use_fast=True).save_pretrained(out)
-    (out / "RANDOM_WEIGHTS.txt").write_text(
+    (out / RANDOM_WEIGHTS_FILE).write_text(
         "This model has random weights built by crossrank.testing; its scores are meaningless.\n"
     )
     return out
+
+
+def is_random_reranker(model_name_or_path: str | os.PathLike[str]) -> bool:
+    """True for a local model directory built by :func:`build_random_reranker`."""
+    return (Path(os.path.expanduser(model_name_or_path)) / RANDOM_WEIGHTS_FILE).is_file()

