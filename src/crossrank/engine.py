@@ -34,6 +34,8 @@ DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 # 24-layer, 1024-wide model.
 _DEFAULT_BATCH_TOKENS = {"cpu": 8192, "mps": 16384, "cuda": 65536}
 
+_BACKENDS = ("torch", "onnx")
+
 
 class Reranker:
     """A cross-encoder reranker: load once, score many (query, document) pairs fast.
@@ -62,7 +64,23 @@ class Reranker:
         cache_dir: str | None = None,
         local_files_only: bool = False,
         trust_remote_code: bool = False,
+        backend: str = "torch",
+        quantize: bool = False,
+        onnx_cache_dir: str | None = None,
     ) -> None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if quantize and backend != "onnx":
+            raise ValueError("quantize=True needs backend='onnx' (dynamic int8 via ONNX Runtime)")
+        if backend == "onnx":
+            # Imported here: onnxruntime is the optional extra crossrank[onnx]; the import
+            # raises an ImportError naming it when it is missing.
+            from crossrank import onnx_backend
+
+            if device == "auto":
+                device = "cpu"
+            if dtype == "auto":
+                dtype = "float32"
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
             raise ValueError(f"max_length must be an int >= 8, got {max_length!r}")
         if query_max_length is None:
@@ -73,6 +91,13 @@ class Reranker:
         self.revision = revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if backend == "onnx" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(
+                "backend='onnx' runs on device='cpu' in float32 (quantize=True for int8), got "
+                f"device={str(self.device)!r}, dtype={self.dtype}"
+            )
+        self.backend = backend
+        self.quantize = bool(quantize)
         self.normalize = bool(normalize)
         self.batch_tokens = int(batch_tokens or _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192))
         if self.batch_tokens < max_length:
@@ -85,11 +110,13 @@ class Reranker:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             trust_remote_code=trust_remote_code,
+            weights=backend == "torch",
         )
+        #: The torch model; ``None`` with ``backend="onnx"``, which never keeps the weights.
         self.model = loaded.model
         self.num_labels = loaded.num_labels
-        model_max = getattr(self.model.config, "max_position_embeddings", None)
-        if model_max is not None and getattr(self.model.config, "model_type", "") in (
+        model_max = getattr(loaded.config, "max_position_embeddings", None)
+        if model_max is not None and getattr(loaded.config, "model_type", "") in (
             "xlm-roberta",
             "roberta",
             "camembert",
@@ -102,7 +129,14 @@ class Reranker:
             loaded.tokenizer, max_length=max_length, query_max_length=query_max_length
         )
         self.query_max_length = query_max_length
-        self.runner: Runner = TorchPaddedRunner(self.model, self.device, self.tokenizer.pad_id)
+        self.runner: Runner
+        if backend == "onnx":
+            self.runner = onnx_backend.build_runner(
+                loaded, self.tokenizer, quantize=self.quantize, cache_dir=onnx_cache_dir
+            )
+        else:
+            assert loaded.model is not None
+            self.runner = TorchPaddedRunner(loaded.model, self.device, self.tokenizer.pad_id)
         self._model_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-forward")
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MicroBatcher] = (
