@@ -46,6 +46,7 @@ from crossrank.tokenization import EncodedPairs, PairTokenizer
 try:
     import onnx
     import onnxruntime as ort
+    import onnxruntime.quantization
     from onnxruntime.quantization import QuantType, quantize_dynamic
 except ImportError as err:  # pragma: no cover - exercised by simulating the absence
     raise ImportError(
@@ -126,7 +127,7 @@ def _quiet_toolchain() -> Iterator[None]:
     The torch exporter warns about axis renaming, onnxscript/onnx_ir log every rewrite at INFO
     and the quantizer logs on the root logger; none of it is actionable for a crossrank user.
     """
-    quantizer_dir = os.path.dirname(quantize_dynamic.__code__.co_filename)
+    quantizer_dir = os.path.dirname(onnxruntime.quantization.__file__)
 
     def not_quantizer(record: logging.LogRecord) -> bool:
         return not record.pathname.startswith(quantizer_dir)
@@ -279,6 +280,7 @@ class OnnxRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: its warnings are about unused initializers
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = Path(path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.pad_id = pad_id
 
