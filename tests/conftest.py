@@ -56,13 +56,8 @@ def _train_fallback_skeleton(path: Path) -> Path:
     fast = XLMRobertaTokenizerFast(tokenizer_object=tok, model_max_length=8192)
     fast.save_pretrained(path)
     XLMRobertaConfig(
-        vocab_size=len(fast),
-        architectures=["XLMRobertaForSequenceClassification"],
-        num_labels=1,
-        max_position_embeddings=8194,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
+        vocab_size=len(fast), architectures=["XLMRobertaForSequenceClassification"], num_labels=1,
+        max_position_embeddings=8194, pad_token_id=1, bos_token_id=0, eos_token_id=2,
     ).save_pretrained(path)
     return path
 
@@ -76,9 +71,7 @@ def shared() -> Path | None:
 def real_tokenizer_dir(shared: Path | None) -> Path:
     """The real XLM-R tokenizer and bge-reranker-v2-m3 config; skips when ../shared is absent."""
     if shared is None:
-        pytest.skip(
-            "../shared (or $CROSSRANK_SHARED) is absent: the real XLM-R tokenizer is unavailable"
-        )
+        pytest.skip("../shared (or $CROSSRANK_SHARED) is absent: the real XLM-R tokenizer is unavailable")
     return shared / SKELETON
 
 
