@@ -14,6 +14,7 @@ from rich.table import Table
 
 from crossrank.engine import DEFAULT_MODEL
 from crossrank.loading import ModelLoadError
+from crossrank.rag.cli import demo, eval_command
 from crossrank.score_file import score_file
 from crossrank.server.cli import serve
 
@@ -110,3 +111,5 @@ def rerank(
 # Commands defined beside their features; their heavy dependencies load only when they run.
 app.command()(serve)
 app.command("score-file")(score_file)
+app.command("demo")(demo)
+app.command("eval")(eval_command)

@@ -65,6 +65,9 @@ class _Job:
     cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
 
 
+_BACKENDS = ("torch", "onnx")
+
+
 class Reranker:
     """A cross-encoder reranker: load once, score many (query, document) pairs fast.
 
@@ -117,6 +120,9 @@ class Reranker:
         cache: str | Cache | None = None,
         fast_path: bool | PackedOptions | None = None,
         split_tokens: int = 16384,
+        backend: str = "torch",
+        quantize: bool = False,
+        onnx_cache_dir: str | None = None,
     ) -> None:
         """``fast_path``: ``None`` picks the packed (padding-free) CUDA runner where it applies,
         ``False`` forces the padded reference runner, ``True`` or :class:`PackedOptions` forces
@@ -130,7 +136,20 @@ class Reranker:
         if isinstance(split_tokens, bool) or not isinstance(split_tokens, int) or split_tokens < 1:
             raise ValueError(f"split_tokens must be a positive int, got {split_tokens!r}")
         self.long_docs = LongDocs(long_docs, chunk_tokens, chunk_overlap, aggregate)
-        backend = open_cache(cache)
+        cache_backend = open_cache(cache)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if quantize and backend != "onnx":
+            raise ValueError("quantize=True needs backend='onnx' (dynamic int8 via ONNX Runtime)")
+        if backend == "onnx":
+            # Imported here: onnxruntime is the optional extra crossrank[onnx]; the import
+            # raises an ImportError naming it when it is missing.
+            from crossrank import onnx_backend
+
+            if device == "auto":
+                device = "cpu"
+            if dtype == "auto":
+                dtype = "float32"
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
             raise ValueError(f"max_length must be an int >= 8, got {max_length!r}")
         if query_max_length is None:
@@ -141,6 +160,13 @@ class Reranker:
         self.revision = revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if backend == "onnx" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(
+                "backend='onnx' runs on device='cpu' in float32 (quantize=True for int8), got "
+                f"device={str(self.device)!r}, dtype={self.dtype}"
+            )
+        self.backend = backend
+        self.quantize = bool(quantize)
         self.normalize = bool(normalize)
         if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
             raise ValueError(f"batch_tokens must be a positive int or None, got {batch_tokens!r}")
@@ -153,11 +179,13 @@ class Reranker:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             trust_remote_code=trust_remote_code,
+            weights=backend == "torch",
         )
+        #: The torch model; ``None`` with ``backend="onnx"``, which never keeps the weights.
         self.model = loaded.model
         self.num_labels = loaded.num_labels
-        model_max = getattr(self.model.config, "max_position_embeddings", None)
-        if model_max is not None and getattr(self.model.config, "model_type", "") in (
+        model_max = getattr(loaded.config, "max_position_embeddings", None)
+        if model_max is not None and getattr(loaded.config, "model_type", "") in (
             "xlm-roberta",
             "roberta",
             "camembert",
@@ -175,12 +203,19 @@ class Reranker:
         )
         self._cache = (
             None
-            if backend is None
-            else ScoreCache(backend, self._cache_fingerprint(), with_spans=self.long_docs.chunked)
+            if cache_backend is None
+            else ScoreCache(
+                cache_backend, self._cache_fingerprint(), with_spans=self.long_docs.chunked
+            )
         )
-        self.runner: Runner = choose_runner(
-            self.model, self.device, self.tokenizer.pad_id, fast_path
-        )
+        self.runner: Runner
+        if backend == "onnx":
+            self.runner = onnx_backend.build_runner(
+                loaded, self.tokenizer, quantize=self.quantize, cache_dir=onnx_cache_dir
+            )
+        else:
+            assert loaded.model is not None
+            self.runner = choose_runner(loaded.model, self.device, self.tokenizer.pad_id, fast_path)
         self.split_tokens = split_tokens
         self._replicas = [
             Reranker(
@@ -529,10 +564,11 @@ class Reranker:
         model = os.path.abspath(expanded) if os.path.exists(expanded) else self.model_name
         return "|".join(
             [
-                "crossrank-v1",
+                "crossrank-v2",
                 model,
                 str(self.revision),
                 str(self.dtype),
+                f"{self.backend}{'-int8' if self.quantize else ''}",
                 str(self.max_length),
                 str(self.query_max_length),
                 self.long_docs.fingerprint(),

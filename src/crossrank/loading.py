@@ -16,6 +16,7 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -39,9 +40,15 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: PreTrainedModel
+    #: ``None`` when loaded with ``weights=False`` (a backend that does not need them).
+    model: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase
     num_labels: int
+    config: PretrainedConfig
+    #: The resolved local directory, or the hub id.
+    source: str
+    #: Hub options (revision, cache_dir, ...) to load the weights later with ``load_weights``.
+    hub: dict[str, Any]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -109,8 +116,10 @@ def load(
     cache_dir: str | None = None,
     local_files_only: bool = False,
     trust_remote_code: bool = False,
+    weights: bool = True,
 ) -> LoadedModel:
-    """Load a sequence-classification checkpoint and its fast tokenizer onto ``device``."""
+    """Load a sequence-classification checkpoint's config, fast tokenizer and (unless
+    ``weights=False``) its weights onto ``device``."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError("model must be a non-empty hub id or local directory path")
     expanded = os.path.expanduser(name_or_path)
@@ -136,9 +145,37 @@ def load(
             "sequence-classification model (cross-encoder); crossrank needs a reranker such as "
             "BAAI/bge-reranker-v2-m3"
         )
+    num_labels = int(config.num_labels)
+    if num_labels not in (1, 2):
+        raise ModelLoadError(
+            f"{name_or_path!r} has {num_labels} labels; a reranker has one relevance logit "
+            "(or two labels: not relevant / relevant)"
+        )
+    model = None
+    if weights:
+        model = load_weights(name_or_path, config, device=device, dtype=dtype, hub=hub)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        num_labels=num_labels,
+        config=config,
+        source=name_or_path,
+        hub=hub,
+    )
+
+
+def load_weights(
+    source: str,
+    config: PretrainedConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    hub: dict[str, Any],
+) -> PreTrainedModel:
+    """Load the safetensors weights of a checkpoint whose config is already loaded."""
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path,
+            source,
             config=config,
             dtype=dtype,
             use_safetensors=True,
@@ -148,24 +185,18 @@ def load(
     except (OSError, ValueError) as err:
         if "safetensors" in str(err).lower() or "model.safetensors" in str(err):
             raise ModelLoadError(
-                f"{name_or_path!r} has no safetensors weights; crossrank loads safetensors only "
+                f"{source!r} has no safetensors weights; crossrank loads safetensors only "
                 "(pickled .bin weights can run code). Convert the checkpoint with "
                 "model.save_pretrained(path, safe_serialization=True)."
             ) from err
-        raise ModelLoadError(_explain(name_or_path, err)) from err
+        raise ModelLoadError(_explain(source, err)) from err
     missing = [k for k in info.get("missing_keys", []) if k]
     if missing:
         raise ModelLoadError(
-            f"{name_or_path!r} is not a sequence-classification checkpoint: its weights lack "
+            f"{source!r} is not a sequence-classification checkpoint: its weights lack "
             f"{', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''}"
-        )
-    num_labels = int(model.config.num_labels)
-    if num_labels not in (1, 2):
-        raise ModelLoadError(
-            f"{name_or_path!r} has {num_labels} labels; a reranker has one relevance logit "
-            "(or two labels: not relevant / relevant)"
         )
     model.to(device)
     model.eval()
-    logger.info("loaded %s on %s as %s", name_or_path, device, dtype)
-    return LoadedModel(model=model, tokenizer=tokenizer, num_labels=num_labels)
+    logger.info("loaded %s on %s as %s", source, device, dtype)
+    return model
