@@ -32,20 +32,13 @@ import torch
 import transformers
 
 from crossrank import Reranker
-from crossrank.testing import SKELETON, build_random_reranker, shared_dir
+from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir
 
 BASE = {
     "num_hidden_layers": 12,
     "hidden_size": 768,
     "num_attention_heads": 12,
     "intermediate_size": 3072,
-}
-TINY = {
-    "num_hidden_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "initializer_range": 0.3,
 }
 FALLBACK = [
     ("Why is Mars red?", "Mars is red because of iron oxide on its surface."),
@@ -101,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if skeleton is None:
         sys.exit("no tokenizer skeleton: set CROSSRANK_SHARED or pass --skeleton")
     work = Path(args.work_dir)
-    shape = TINY if args.quick else BASE
+    shape = TINY_CONFIG if args.quick else BASE
     model_dir = work / ("tiny" if args.quick else "base")
     if not (model_dir / "model.safetensors").exists():
         build_random_reranker(model_dir, skeleton, **shape)

@@ -55,16 +55,9 @@ if str(ROOT / "src") not in sys.path:
 
 from crossrank import Reranker  # noqa: E402
 from crossrank.packed import PackedOptions, PackedRunner, kendall_tau  # noqa: E402
-from crossrank.testing import SKELETON, build_random_reranker, shared_dir  # noqa: E402
+from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir  # noqa: E402
 
 log = logging.getLogger("gpu_peers")
-TINY = {
-    "num_hidden_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "initializer_range": 0.3,
-}
 Pairs = list[tuple[str, str]]
 ScoreFn = Callable[[Pairs], np.ndarray]
 
@@ -198,7 +191,7 @@ class Bench:
 
     # ------------------------------------------------------------------------ setup
     def build_model(self, tmp: Path) -> Path:
-        overrides: dict[str, Any] = dict(TINY) if self.smoke else {}
+        overrides: dict[str, Any] = dict(TINY_CONFIG) if self.smoke else {}
         if self.args.init_range is not None:
             overrides["initializer_range"] = self.args.init_range
         start = time.perf_counter()
