@@ -39,13 +39,13 @@ LONG = " ".join(f"Clause {i} of the contract covers the delivery of goods." for 
 def _count_rows(monkeypatch: pytest.MonkeyPatch, reranker: Reranker) -> list[int]:
     """Record how many rows each forward pass scores."""
     counts: list[int] = []
-    run = reranker.runner.run
+    submit = reranker.runner.submit
 
     def spy(encoded):
         counts.append(len(encoded))
-        return run(encoded)
+        return submit(encoded)
 
-    monkeypatch.setattr(reranker.runner, "run", spy)
+    monkeypatch.setattr(reranker.runner, "submit", spy)
     return counts
 
 

@@ -32,15 +32,19 @@ def test_score_overlapped_keeps_order_and_tokenizes_off_thread() -> None:
         threads.add(threading.current_thread().name)
         return [int(d[1:]) for d in ds]
 
-    def score(encoded):
-        return np.asarray(encoded, dtype=np.float32) * 2
+    queued: list[int] = []
+
+    def submit(encoded):  # queues now, computes when the result is asked for
+        queued.append(len(encoded))
+        return lambda: np.asarray(encoded, dtype=np.float32) * 2
 
     with ThreadPoolExecutor(1, thread_name_prefix="tok") as pool:
-        out = score_overlapped(encode, score, queries, docs, [16, 64, 20], pool)
+        out = score_overlapped(encode, submit, queries, docs, [16, 64, 20], pool)
         with pytest.raises(ValueError, match="add up to 99"):
-            score_overlapped(encode, score, queries, docs, [16, 83], pool)
+            score_overlapped(encode, submit, queries, docs, [16, 83], pool)
     np.testing.assert_array_equal(out, np.arange(100, dtype=np.float32) * 2)
     assert threads and all(name.startswith("tok") for name in threads)
+    assert queued == [16, 64, 20]
 
 
 def test_assign_batches_balances_tokens() -> None:
@@ -55,16 +59,16 @@ def test_run_on_devices_writes_every_row_once(tiny_reranker) -> None:
     encoded = tiny_reranker.encode(["q"] * 7, [f"document {i} " * (i + 1) for i in range(7)])
     calls: list[tuple[int, int]] = []
 
-    def forward_for(device: int):
-        def forward(part):
+    def submit_for(device: int):
+        def submit(part):
             calls.append((device, len(part)))
-            return part.lengths.astype(np.float32)
+            return lambda: part.lengths.astype(np.float32)
 
-        return forward
+        return submit
 
     batches = [np.array([0, 1]), np.array([2, 3, 4]), np.array([5]), np.array([6])]
     with ThreadPoolExecutor(2) as pool:
-        out = run_on_devices([forward_for(0), forward_for(1)], encoded, batches, pool)
+        out = run_on_devices([submit_for(0), submit_for(1)], encoded, batches, pool)
     np.testing.assert_array_equal(out, encoded.lengths.astype(np.float32))
     assert {d for d, _ in calls} == {0, 1}
     assert sum(n for _, n in calls) == 7
@@ -77,13 +81,13 @@ def test_several_devices_score_like_one(tiny_model_dir, tiny_reranker, xquad) ->
     assert len(split._replicas) == 1
     forwards: list[int] = []
     for replica in (split, split._replicas[0]):
-        original = replica.forward
+        original = replica._submit
 
         def counting(encoded, original=original, replica=replica):
             forwards.append(id(replica))
             return original(encoded)
 
-        replica.forward = counting  # type: ignore[method-assign]
+        replica._submit = counting  # type: ignore[method-assign]
     got = split.score(query, docs, normalize=False)
     want = tiny_reranker.score(query, docs, normalize=False)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -196,22 +196,22 @@ def test_cuda_oom_splits_the_failing_batch_and_never_recomputes_successes(
     monkeypatch.setattr(rr, "batch_tokens", 100_000)
     docs = [f"document number {i} " * (1 + i % 7) for i in range(16)]
     expected = rr.score("query", docs)
-    real_run = rr.runner.run
+    real_submit = rr.runner.submit
     seen: list[int] = []
 
     def flaky(encoded):  # fails when more than 4 pairs are in one pass
         seen.append(len(encoded))
         if len(encoded) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_run(encoded)
+        return real_submit(encoded)
 
-    monkeypatch.setattr(rr.runner, "run", flaky)
+    monkeypatch.setattr(rr.runner, "submit", flaky)
     np.testing.assert_allclose(rr.score("query", docs), expected, atol=1e-5)
     assert seen == [16, 8, 4, 4, 8, 4, 4]  # only failing passes are split; each success runs once
     assert sum(n for n in seen if n <= 4) == len(docs)
 
     monkeypatch.setattr(
-        rr.runner, "run", lambda enc: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x"))
+        rr.runner, "submit", lambda enc: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x"))
     )
     with pytest.raises(RuntimeError, match="single pair"):
         rr.score("query", ["one"])

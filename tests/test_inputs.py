@@ -43,7 +43,7 @@ def test_empty_documents_give_an_empty_result_without_a_model_call(
     def boom(*_a: object) -> None:
         raise AssertionError("the model must not be called")
 
-    monkeypatch.setattr(tiny_reranker.runner, "run", boom)
+    monkeypatch.setattr(tiny_reranker.runner, "submit", boom)
     assert tiny_reranker.score("q", []).shape == (0,)
     assert tiny_reranker.score("q", ()).dtype == np.float32
     assert tiny_reranker.rerank("q", []) == []

@@ -175,16 +175,16 @@ def long_doc(marker_model) -> str:
 def _spy_rows(monkeypatch, reranker: Reranker) -> list[list[int]]:
     """Record the token ids of every row the runner scores."""
     rows: list[list[int]] = []
-    run = reranker.runner.run
+    submit = reranker.runner.submit
 
     def spy(encoded):
         rows.extend(
             encoded.ids[o : o + n].tolist()
             for o, n in zip(encoded.offsets, encoded.lengths, strict=True)
         )
-        return run(encoded)
+        return submit(encoded)
 
-    monkeypatch.setattr(reranker.runner, "run", spy)
+    monkeypatch.setattr(reranker.runner, "submit", spy)
     return rows
 
 

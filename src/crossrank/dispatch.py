@@ -1,8 +1,8 @@
 """Spreading one scoring call over time (tokenize while the GPU works) and over devices.
 
-Both are plain threads: the fast tokenizer releases the GIL while it encodes and a CUDA
-forward pass spends its time waiting on the device, so one process keeps a GPU (or several)
-busy without a process pool, and small calls pay nothing.
+Both are plain threads: the fast tokenizer releases the GIL while it encodes, and a CUDA
+forward pass is queued on the device without waiting for it (``Runner.submit``), so one
+process keeps a GPU (or several) busy without a process pool, and small calls pay nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from concurrent.futures import Executor, wait
 
 import numpy as np
 
+from crossrank.runners import Pending
 from crossrank.tokenization import EncodedPairs
 
 Encode = Callable[[Sequence[str], Sequence[str]], EncodedPairs]
-Score = Callable[[EncodedPairs], np.ndarray]
+Submit = Callable[[EncodedPairs], Pending]
 
 
 def chunk_sizes(n: int, first: int, largest: int, growth: int = 4) -> list[int]:
@@ -36,25 +37,30 @@ def chunk_sizes(n: int, first: int, largest: int, growth: int = 4) -> list[int]:
 
 def score_overlapped(
     encode: Encode,
-    score: Score,
+    submit: Submit,
     queries: Sequence[str],
     documents: Sequence[str],
     sizes: Sequence[int],
     executor: Executor,
 ) -> np.ndarray:
-    """Score pairs in chunks of ``sizes``, tokenizing chunk ``k + 1`` on ``executor`` while
-    chunk ``k`` is scored on the calling thread; float32 scores in input order."""
+    """Score pairs in chunks of ``sizes``: chunk ``k + 1`` is tokenized on ``executor`` while
+    chunk ``k`` is queued on the device from the calling thread, and the results are
+    collected once every chunk is queued, so the device runs the chunks back to back; float32
+    scores in input order."""
     out = np.empty(len(documents), dtype=np.float32)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     if bounds[-1] != len(documents):
         raise ValueError(f"chunk sizes add up to {bounds[-1]}, not {len(documents)} pairs")
-    pending = executor.submit(encode, queries[: bounds[1]], documents[: bounds[1]])
+    encoding = executor.submit(encode, queries[: bounds[1]], documents[: bounds[1]])
+    queued: list[Pending] = []
     for k in range(len(sizes)):
-        encoded = pending.result()
+        encoded = encoding.result()
         if k + 1 < len(sizes):
             lo, hi = bounds[k + 1], bounds[k + 2]
-            pending = executor.submit(encode, queries[lo:hi], documents[lo:hi])
-        out[bounds[k] : bounds[k + 1]] = score(encoded)
+            encoding = executor.submit(encode, queries[lo:hi], documents[lo:hi])
+        queued.append(submit(encoded))
+    for k, result in enumerate(queued):
+        out[bounds[k] : bounds[k + 1]] = result()
     return out
 
 
@@ -70,22 +76,24 @@ def assign_batches(costs: Sequence[int], devices: int) -> list[list[int]]:
 
 
 def run_on_devices(
-    forwards: Sequence[Score],
+    submits: Sequence[Submit],
     encoded: EncodedPairs,
     batches: Sequence[np.ndarray],
     executor: Executor,
 ) -> np.ndarray:
     """Run ``batches`` (row indices into ``encoded``) over several devices at once, one thread
-    per device; each ``forwards[k]`` scores on device ``k``. Scores come back in input order."""
+    per device; ``submits[k]`` queues a pass on device ``k``. Each thread queues all of its
+    device's passes before collecting them. Scores come back in input order."""
     out = np.empty(len(encoded), dtype=np.float32)
     costs = [int(encoded.lengths[rows].sum()) for rows in batches]
-    groups = assign_batches(costs, len(forwards))
+    groups = assign_batches(costs, len(submits))
 
     def work(device: int) -> None:
-        for i in groups[device]:
-            out[batches[i]] = forwards[device](encoded.take(batches[i]))
+        queued = [(i, submits[device](encoded.take(batches[i]))) for i in groups[device]]
+        for i, result in queued:
+            out[batches[i]] = result()
 
-    futures = [executor.submit(work, k) for k in range(len(forwards)) if groups[k]]
+    futures = [executor.submit(work, k) for k in range(len(submits)) if groups[k]]
     wait(futures)
     for future in futures:
         future.result()  # re-raise the first failure

@@ -29,7 +29,7 @@ from crossrank.loading import load, resolve_device, resolve_dtype
 from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.packed import PackedOptions, choose_runner
 from crossrank.result import RerankResult
-from crossrank.runners import Runner
+from crossrank.runners import Pending, Runner
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 from crossrank.validation import (
     check_documents,
@@ -442,23 +442,7 @@ class Reranker:
         On CUDA out-of-memory the pass is split in halves and retried; a pair that alone does
         not fit raises a ``RuntimeError`` saying so.
         """
-        try:
-            with self._model_lock:
-                return self._run_model(encoded)
-        except torch.cuda.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(encoded) == 1:
-                raise RuntimeError(
-                    f"out of memory scoring a single pair of {int(encoded.lengths[0])} tokens on "
-                    f"{self.device}; lower max_length or use a device with more memory"
-                ) from None
-            half = len(encoded) // 2
-            logger.warning("out of memory on %d pairs; retrying in halves", len(encoded))
-            rows = np.arange(len(encoded))
-            return np.concatenate(
-                [self.forward(encoded.take(rows[:half])), self.forward(encoded.take(rows[half:]))]
-            )
+        return self._submit(encoded)()
 
     def warmup(self) -> None:
         """Run one tiny forward pass so the first real request pays no start-up cost."""
@@ -476,8 +460,33 @@ class Reranker:
         if self.batch_observer is not None:
             self.batch_observer(pairs, tokens)
 
-    def _run_model(self, encoded: EncodedPairs) -> np.ndarray:
-        logits = self.runner.run(encoded)
+    def _submit(self, encoded: EncodedPairs) -> Pending:
+        """Queue one forward pass (see :meth:`forward`); the result gives raw scores.
+
+        CUDA allocates while kernels are queued, so out-of-memory surfaces here, before any
+        waiting; the failed pass is split in halves, each queued the same way.
+        """
+        try:
+            with self._model_lock:
+                logits = self.runner.submit(encoded)
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(encoded) == 1:
+                raise RuntimeError(
+                    f"out of memory scoring a single pair of {int(encoded.lengths[0])} tokens on "
+                    f"{self.device}; lower max_length or use a device with more memory"
+                ) from None
+            half = len(encoded) // 2
+            logger.warning("out of memory on %d pairs; retrying in halves", len(encoded))
+            rows = np.arange(len(encoded))
+            first, second = (
+                self._submit(encoded.take(part)) for part in (rows[:half], rows[half:])
+            )
+            return lambda: np.concatenate([first(), second()])
+        return lambda: self._raw_scores(logits())
+
+    def _raw_scores(self, logits: np.ndarray) -> np.ndarray:
         raw = logits[:, 1] - logits[:, 0] if self.num_labels == 2 else logits[:, 0]
         return np.ascontiguousarray(raw, dtype=np.float32)
 
@@ -487,23 +496,40 @@ class Reranker:
         if self.runner.packed and len(documents) > _OVERLAP_MIN_PAIRS and not show_progress:
             sizes = chunk_sizes(len(documents), _FIRST_CHUNK, _OVERLAP_PAIRS)
             return score_overlapped(
-                self.encode, self._score_encoded, queries, documents, sizes, self._call_pool
+                self.encode, self._submit_encoded, queries, documents, sizes, self._call_pool
             )
         return self._score_encoded(self.encode(queries, documents), show_progress)
 
     def _score_encoded(self, encoded: EncodedPairs, show_progress: bool = False) -> np.ndarray:
+        if show_progress:  # the bar counts finished passes: wait for each in turn
+            out = np.empty(len(encoded), dtype=np.float32)
+            batches = plan_batches(encoded.lengths, self.batch_tokens, packed=self.runner.packed)
+            for rows in tqdm(batches, desc="scoring", unit="batch"):
+                out[rows] = self.forward(encoded.take(rows))
+            return out
+        return self._submit_encoded(encoded)()
+
+    def _submit_encoded(self, encoded: EncodedPairs) -> Pending:
+        """Queue every pass of ``encoded`` (token-budgeted batches; spread over the devices
+        when the call is large enough); the result gives scores in ``encoded`` order."""
         packed = self.runner.packed
         if self._replicas and encoded.total_tokens >= self.split_tokens:
             budget = min(self.batch_tokens, -(-encoded.total_tokens // (len(self._replicas) + 1)))
             budget = max(budget, int(encoded.lengths.max()))
             batches = plan_batches(encoded.lengths, budget, packed=packed)
-            forwards = [self.forward, *(r.forward for r in self._replicas)]
-            return run_on_devices(forwards, encoded, batches, self._call_pool)
-        out = np.empty(len(encoded), dtype=np.float32)
+            submits = [self._submit, *(r._submit for r in self._replicas)]
+            scores = run_on_devices(submits, encoded, batches, self._call_pool)
+            return lambda: scores
         batches = plan_batches(encoded.lengths, self.batch_tokens, packed=packed)
-        for rows in tqdm(batches, desc="scoring", unit="batch", disable=not show_progress):
-            out[rows] = self.forward(encoded.take(rows))
-        return out
+        queued = [(rows, self._submit(encoded.take(rows))) for rows in batches]
+
+        def result() -> np.ndarray:
+            out = np.empty(len(encoded), dtype=np.float32)
+            for rows, pending in queued:
+                out[rows] = pending()
+            return out
+
+        return result
 
     def _scores(
         self,

@@ -3,7 +3,7 @@
 On CPU, torch fp32 is the slow path; ONNX Runtime with dynamic int8 quantization runs the same
 graph several times faster. The engine still owns tokenization, length sorting and batching;
 this module only turns a checkpoint into a cached ``.onnx`` file and runs padded batches
-through it (the ``Runner`` protocol of :mod:`crossrank.runners`).
+through it (a :class:`crossrank.runners.Runner`).
 
 The export uses the ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``): the
 TorchScript exporter traces the attention-mask branch of recent transformers as a constant
@@ -41,6 +41,7 @@ import transformers
 from transformers import PreTrainedModel
 
 from crossrank.loading import LoadedModel, load_weights
+from crossrank.runners import Pending, Runner
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 
 try:
@@ -260,15 +261,13 @@ def ensure_exported(
     return target / MODEL_FILE
 
 
-class OnnxRunner:
+class OnnxRunner(Runner):
     """Runs right-padded batches through an ONNX Runtime CPU session.
 
     Intra-op threads follow ``torch.get_num_threads()`` (all physical cores unless
     ``OMP_NUM_THREADS``/``torch.set_num_threads`` say otherwise), so one setting governs both
     backends; a single forward pass runs at a time, so inter-op parallelism is off.
     """
-
-    packed = False
 
     def __init__(
         self, path: str | os.PathLike[str], pad_id: int, threads: int | None = None
@@ -284,10 +283,12 @@ class OnnxRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.pad_id = pad_id
 
-    def run(self, encoded: EncodedPairs) -> np.ndarray:
+    def submit(self, encoded: EncodedPairs) -> Pending:
+        """Runs the pass at once (ONNX Runtime's CPU session call blocks)."""
         tensors = encoded.padded(np.arange(len(encoded)), self.pad_id)
         (logits,) = self.session.run([OUTPUT_NAME], {k: tensors[k] for k in self.input_names})
-        return np.asarray(logits, dtype=np.float32)
+        result = np.asarray(logits, dtype=np.float32)
+        return lambda: result
 
 
 def build_runner(

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from crossrank.runners import Runner, TorchPaddedRunner
+from crossrank.runners import Pending, Runner, TorchPaddedRunner, device_result
 from crossrank.tokenization import EncodedPairs
 
 logger = logging.getLogger(__name__)
@@ -348,8 +348,8 @@ class RunnerStats:
     graphs_captured: int = 0
 
 
-class PackedRunner:
-    """Padding-free runner (see the module docstring); follows the ``Runner`` protocol."""
+class PackedRunner(Runner):
+    """Padding-free runner (see the module docstring)."""
 
     packed = True
 
@@ -393,16 +393,15 @@ class PackedRunner:
         self.head_out_w, self.head_out_b = head[1].weight.detach(), _bias(head[1])
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._graph_pool: Any = None
-        self._staging: Tensor | None = None
         self._lock = threading.Lock()
         self.stats = RunnerStats()
 
     # -------------------------------------------------------------------------- public
-    def run(self, encoded: EncodedPairs) -> np.ndarray:
-        """float32 logits ``(len(encoded), num_labels)`` in ``encoded`` order."""
+    def submit(self, encoded: EncodedPairs) -> Pending:
+        """Queue the pass on the device; the result waits for it (see ``Runner``)."""
         batch = pack(encoded, self.padding_idx)
         with self._lock, torch.inference_mode():
-            return self._logits(batch).float().cpu().numpy()
+            return device_result(self._logits(batch))
 
     # ------------------------------------------------------------------------ internals
     def _use_graph(self, tokens: int) -> bool:
@@ -418,18 +417,17 @@ class PackedRunner:
             self._fill(graph, batch)
             graph.graph.replay()
             self.stats.graph_passes += 1
-            return graph.logits[: batch.pairs]
+            # the next replay overwrites the graph's output: copy it (queued, in stream order)
+            return graph.logits[: batch.pairs].clone()
         self.stats.eager_passes += 1
         return self._forward(self._upload(batch))
 
     def _stage(self, parts: list[np.ndarray]) -> Tensor:
-        """Concatenate ``parts`` as int32 into a reusable host buffer (pinned on CUDA, so the
-        upload is asynchronous). Callers hold the lock and synchronize before the next use."""
+        """Concatenate ``parts`` as int32 into a host buffer, pinned on CUDA so the upload is
+        asynchronous. PyTorch's caching host allocator reuses a pinned block only once the
+        copies queued from it are done, so passes can be queued back to back."""
         size = sum(int(p.shape[0]) for p in parts)
-        if self._staging is None or self._staging.numel() < size:
-            pin = self.device.type == "cuda"
-            self._staging = torch.empty(max(size, 1 << 16), dtype=torch.int32, pin_memory=pin)
-        host = self._staging[:size]
+        host = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         np.concatenate(parts, out=host.numpy(), casting="unsafe")
         return host
 

@@ -7,7 +7,8 @@ the padded torch runner stays the reference every other runner is tested against
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,33 +16,62 @@ from transformers import PreTrainedModel
 
 from crossrank.tokenization import EncodedPairs
 
+#: A submitted forward pass: call it to wait for its float32 logits.
+Pending = Callable[[], np.ndarray]
 
-class Runner(Protocol):
-    """A forward pass over encoded pairs."""
+
+class Runner:
+    """A forward pass over encoded pairs.
+
+    ``submit`` starts a pass and returns without waiting where the device allows it (CUDA
+    kernels are queued), so the caller can tokenize or queue the next pass while the device
+    works; ``run`` is submit-and-wait.
+    """
 
     #: True when the cost of a batch is its real token count (no padding computed).
-    packed: bool
+    packed: bool = False
+
+    def submit(self, encoded: EncodedPairs) -> Pending:
+        """Start the pass; the returned callable gives float32 logits of shape
+        ``(len(encoded), num_labels)`` in ``encoded`` order."""
+        raise NotImplementedError
 
     def run(self, encoded: EncodedPairs) -> np.ndarray:
         """float32 logits of shape ``(len(encoded), num_labels)``, in ``encoded`` order."""
-        ...
+        return self.submit(encoded)()
 
 
-class TorchPaddedRunner:
+def device_result(logits: torch.Tensor) -> Pending:
+    """Copy ``logits`` to the host without blocking; the pending result waits for the copy.
+
+    On CUDA the copy lands in pinned memory once the queued kernels are done; elsewhere it is
+    already complete.
+    """
+    host = logits.float().to("cpu", non_blocking=True)
+    if not logits.is_cuda:
+        return host.numpy
+    done = torch.cuda.Event()
+    done.record()
+
+    def result() -> np.ndarray:
+        done.synchronize()
+        return host.numpy()
+
+    return result
+
+
+class TorchPaddedRunner(Runner):
     """The reference runner: right-padded batch through the Hugging Face model."""
-
-    packed = False
 
     def __init__(self, model: PreTrainedModel, device: torch.device, pad_id: int) -> None:
         self.model = model
         self.device = device
         self.pad_id = pad_id
 
-    def run(self, encoded: EncodedPairs) -> np.ndarray:
+    def submit(self, encoded: EncodedPairs) -> Pending:
         tensors = encoded.padded(np.arange(len(encoded)), self.pad_id)
         inputs: dict[str, Any] = {
-            k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in tensors.items()
+            k: torch.from_numpy(v).to(self.device) for k, v in tensors.items()
         }
         with torch.inference_mode():
-            logits = self.model(**inputs).logits.float()
-        return logits.cpu().numpy()
+            return device_result(self.model(**inputs).logits)
