@@ -45,20 +45,23 @@ def score_overlapped(
 ) -> np.ndarray:
     """Score pairs in chunks of ``sizes``: chunk ``k + 1`` is tokenized on ``executor`` while
     chunk ``k`` is queued on the device from the calling thread, and the results are
-    collected once every chunk is queued, so the device runs the chunks back to back; float32
-    scores in input order."""
+    collected once every chunk is queued, so the device runs the chunks back to back. The
+    first chunk is tokenized on the calling thread (there is nothing to overlap it with yet).
+    float32 scores in input order."""
     out = np.empty(len(documents), dtype=np.float32)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     if bounds[-1] != len(documents):
         raise ValueError(f"chunk sizes add up to {bounds[-1]}, not {len(documents)} pairs")
-    encoding = executor.submit(encode, queries[: bounds[1]], documents[: bounds[1]])
+    encoded = encode(queries[: bounds[1]], documents[: bounds[1]])
     queued: list[Pending] = []
     for k in range(len(sizes)):
-        encoded = encoding.result()
-        if k + 1 < len(sizes):
+        last = k + 1 == len(sizes)
+        if not last:
             lo, hi = bounds[k + 1], bounds[k + 2]
             encoding = executor.submit(encode, queries[lo:hi], documents[lo:hi])
         queued.append(submit(encoded))
+        if not last:
+            encoded = encoding.result()
     for k, result in enumerate(queued):
         out[bounds[k] : bounds[k + 1]] = result()
     return out
