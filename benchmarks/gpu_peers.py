@@ -397,6 +397,17 @@ class Bench:
                 self._scorer(self.crossrank(model, fp, False)),
             ),
         )
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        if gpus >= 2 and not smoke:  # one process, one replica per GPU (issue 7's multi-GPU)
+            devices = [f"cuda:{i}" for i in range(gpus)]
+            name = f"crossrank ({fp}, fast path, device={devices})"
+            self.guarded(
+                self.rows,
+                name,
+                lambda: self.measure(
+                    name, self._scorer(Reranker(str(model), device=devices, dtype=fp))
+                ),
+            )
         # ---- peers
         self.guarded(
             self.rows, "FlagEmbedding FlagReranker fp16, batch 128", lambda: self.flag(model)

@@ -49,9 +49,10 @@ DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 _DEFAULT_BATCH_TOKENS = {"cpu": 8192, "mps": 16384, "cuda": 65536}
 # With a packed runner a call of more than _OVERLAP_MIN_PAIRS pairs is tokenized chunk by chunk
 # (the first chunk small, later ones up to _OVERLAP_PAIRS pairs) while the GPU scores the
-# previous chunk; smaller calls are faster in one pass (measured: benchmarks/gpu_peers.py).
-_OVERLAP_MIN_PAIRS = 128
-_FIRST_CHUNK = 16
+# chunks already queued. On one H200 a 1x50 call split 12 + 38 took 14.9-15.0 ms p50 against
+# 15.2-15.4 ms in one pass; smaller calls gain nothing (benchmarks/gpu_peers.py).
+_OVERLAP_MIN_PAIRS = 32
+_FIRST_CHUNK = 12
 _OVERLAP_PAIRS = 256
 
 
