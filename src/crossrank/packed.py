@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from crossrank.runners import Pending, Runner, TorchPaddedRunner, device_result
+from crossrank.runners import Pending, Runner, TorchPaddedRunner, device_result, on_device
 from crossrank.tokenization import EncodedPairs
 
 logger = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ class PackedRunner(Runner):
     def submit(self, encoded: EncodedPairs) -> Pending:
         """Queue the pass on the device; the result waits for it (see ``Runner``)."""
         batch = pack(encoded, self.padding_idx)
-        with self._lock, torch.inference_mode():
+        with self._lock, on_device(self.device), torch.inference_mode():
             return device_result(self._logits(batch))
 
     # ------------------------------------------------------------------------ internals
@@ -532,7 +532,11 @@ class PackedRunner(Runner):
         # free garbage now: a deleter that calls into CUDA (pinned host memory, events) must
         # not run while the stream is capturing
         gc.collect()
-        with torch.cuda.graph(graph.graph, pool=self._graph_pool):
+        # thread-local capture: other threads (other devices' replicas, the tokenizer thread,
+        # other engines) keep using CUDA while this one captures
+        with torch.cuda.graph(
+            graph.graph, pool=self._graph_pool, capture_error_mode="thread_local"
+        ):
             graph.logits = self._forward(db)
         self._graphs[key] = graph
         self.stats.graphs_captured += 1

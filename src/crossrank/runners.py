@@ -8,6 +8,7 @@ the padded torch runner stays the reference every other runner is tested against
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,16 @@ class Runner:
         return self.submit(encoded)()
 
 
+def on_device(device: torch.device) -> AbstractContextManager[Any]:
+    """Make ``device`` the current CUDA device (a no-op elsewhere).
+
+    Streams, events and graph captures belong to the current device, not to the device of
+    the tensors involved: a thread driving ``cuda:1`` must say so, or its events and graphs
+    land on ``cuda:0``.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def device_result(logits: torch.Tensor) -> Pending:
     """Copy ``logits`` to the host without blocking; the pending result waits for the copy.
 
@@ -51,7 +62,7 @@ def device_result(logits: torch.Tensor) -> Pending:
     if not logits.is_cuda:
         return host.numpy
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(logits.device))
 
     def result() -> np.ndarray:
         done.synchronize()
