@@ -46,10 +46,6 @@ _BERT_TYPES = frozenset({"bert"})
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 _GRAPH_TOKEN_STEP = 512  # token buckets of captured graphs are multiples of this
 _GRAPH_LEN_STEP = 128  # flash attention's query block: max-length buckets cost nothing extra
-# Every packed runner of the process queues its CUDA work under this lock: a graph capture is
-# invalidated by CUDA work other threads queue meanwhile (replicas on other GPUs included, as
-# measured on two H200s), and queueing is quick next to the GPU time it queues.
-_QUEUE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -397,13 +393,14 @@ class PackedRunner(Runner):
         self.head_out_w, self.head_out_b = head[1].weight.detach(), _bias(head[1])
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._graph_pool: Any = None
+        self._lock = threading.Lock()
         self.stats = RunnerStats()
 
     # -------------------------------------------------------------------------- public
     def submit(self, encoded: EncodedPairs) -> Pending:
         """Queue the pass on the device; the result waits for it (see ``Runner``)."""
         batch = pack(encoded, self.padding_idx)
-        with _QUEUE_LOCK, on_device(self.device), torch.inference_mode():
+        with self._lock, on_device(self.device), torch.inference_mode():
             return device_result(self._logits(batch))
 
     # ------------------------------------------------------------------------ internals
