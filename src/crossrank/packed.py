@@ -522,20 +522,23 @@ class PackedRunner(Runner):
         graph = _Graph(torch.cuda.CUDAGraph(), inputs, inputs, bucket, slots)
         self._fill(graph, batch)
         db = self._graph_views(inputs, bucket, slots, length)
+        # warm-up (cuBLAS handles, workspaces) and capture on a stream of this runner's device:
+        # torch.cuda.graph's default capture stream is one per process, made on whichever
+        # device was current at the first capture, so a second GPU's capture would land on it
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._forward(db)  # warm-up: cuBLAS handles and workspaces
+            self._forward(db)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         # free garbage now: a deleter that calls into CUDA (pinned host memory, events) must
         # not run while the stream is capturing
         gc.collect()
-        # thread-local capture: other threads (other devices' replicas, the tokenizer thread,
-        # other engines) keep using CUDA while this one captures
+        # thread-local capture: other threads (other devices' replicas, other engines) keep
+        # using CUDA while this one captures
         with torch.cuda.graph(
-            graph.graph, pool=self._graph_pool, capture_error_mode="thread_local"
+            graph.graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"
         ):
             graph.logits = self._forward(db)
         self._graphs[key] = graph
