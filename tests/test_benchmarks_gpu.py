@@ -39,3 +39,23 @@ def test_gpu_peers_cpu_smoke(
     text = out.read_text()
     assert "| crossrank (float32, fast path) |" in text
     assert "python benchmarks/gpu_peers.py --cpu-smoke" in text
+
+
+def test_gpu_multi_cpu_smoke(shared: Path | None, tmp_path: Path) -> None:
+    """Two CPU "devices": the split call runs on both replicas and matches one device."""
+    if shared is None or not (shared / "data/xquad-r/en.json").exists():
+        pytest.skip("../shared (or $CROSSRANK_SHARED) is absent: no XQuAD-R workload")
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_multi
+
+    out, data = tmp_path / "multi.md", tmp_path / "multi.json"
+    argv = ["--cpu-smoke", "--shared", str(shared), "--out", str(out), "--json", str(data)]
+    assert gpu_multi.main(argv) == 0
+    result = json.loads(data.read_text())
+    assert [c["pairs"] for c in result["calls"]] == [8, 16]
+    for call in result["calls"]:
+        assert call["all_gpus_pairs_per_s"] > 0 and call["one_gpu_pairs_per_s"] > 0
+        assert call["max_abs_diff"] < 1e-4  # fp32 on CPU: splitting changes no score
+        assert call["min_tau"] == pytest.approx(1.0)
+    assert "| 16 |" in out.read_text()
