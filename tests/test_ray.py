@@ -379,8 +379,8 @@ def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(crossrank.ray, "run_app", lambda args, **kw: calls.append((args, kw)))
     monkeypatch.delenv("CROSSRANK_API_KEY", raising=False)
 
-    def invoke(*args: str):
-        return CliRunner().invoke(app, ["serve", "-m", "some/model", *args])
+    def invoke(*args: str, env: dict[str, str] | None = None):
+        return CliRunner().invoke(app, ["serve", "-m", "some/model", *args], env=env)
 
     result = invoke("--ray", "--autoscale", "2:8", "--port", "9001", "--max-docs", "30")
     assert result.exit_code == 0, result.output
@@ -400,6 +400,27 @@ def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (args.replicas, args.autoscale, args.device) == (3, None, "cuda")
     assert args.api_key.get_secret_value() == "sk-secret-1" and "sk-secret" not in repr(args)
 
+    result = invoke(
+        *("--ray", "--long-docs", "chunk", "--chunk-tokens", "100", "--chunk-overlap", "8"),
+        *("--aggregate", "mean", "--query-max-length", "64", "--backend", "onnx", "--quantize"),
+        *("--max-batch-tokens", "2048"),
+        env={"CROSSRANK_CACHE": "redis://:pw@cache:6379/0"},
+    )
+    assert result.exit_code == 0, result.output
+    args, _ = calls.pop()
+    assert args.engine_options() == {
+        "max_length": 512,
+        "query_max_length": 64,
+        "batch_tokens": 2048,
+        "long_docs": "chunk",
+        "chunk_tokens": 100,
+        "chunk_overlap": 8,
+        "aggregate": "mean",
+        "cache": "redis://:pw@cache:6379/0",
+        "backend": "onnx",
+        "quantize": True,
+    }
+
     from crossrank.ray import RerankAppArgs
 
     monkeypatch.setenv("CROSSRANK_API_KEY", "sk-from-env")  # where a config file's app is built
@@ -414,3 +435,77 @@ def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> Non
         result = invoke(*bad)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), bad
     assert not calls
+
+
+def test_app_args_take_the_engine_options_and_check_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``RerankAppArgs`` (a config file's ``args``, or ``serve --ray``) accepts the engine's
+    options, refuses bad ones with the engine's message, and ``build_app`` hands them to every
+    replica's ``Reranker``; no cluster is needed for either."""
+    from pydantic import ValidationError
+
+    import crossrank.ray
+    from crossrank.ray import RerankAppArgs, build_app
+
+    monkeypatch.delenv("CROSSRANK_CACHE", raising=False)
+    # as a config file or `serve run ... key=value` gives them: strings
+    args = RerankAppArgs.model_validate(
+        {
+            "long_docs": "chunk",
+            "chunk_tokens": "128",
+            "chunk_overlap": "16",
+            "aggregate": "first",
+            "query_max_length": "32",
+            "cache": "redis://:pw-in-url@cache.internal:6379/1",
+            "backend": "onnx",
+            "quantize": "true",
+            "num_gpus": 0,
+        }
+    )
+    assert "pw-in-url" not in repr(args) and "pw-in-url" not in args.model_dump_json()
+
+    bound: list[tuple[tuple, dict]] = []
+
+    class Deployment:
+        def options(self, **kw: object) -> Deployment:
+            return self
+
+        def bind(self, *a: object, **kw: object) -> None:
+            bound.append((a, kw))
+
+    monkeypatch.setattr(crossrank.ray, "RerankDeployment", Deployment())
+    build_app(args)
+    [(_, options)] = bound
+    assert options == {
+        "device": "auto",
+        "dtype": "auto",
+        "max_length": 512,
+        "query_max_length": 32,
+        "batch_tokens": None,
+        "long_docs": "chunk",
+        "chunk_tokens": 128,
+        "chunk_overlap": 16,
+        "aggregate": "first",
+        "cache": "redis://:pw-in-url@cache.internal:6379/1",
+        "backend": "onnx",
+        "quantize": True,
+    }
+
+    monkeypatch.setenv("CROSSRANK_CACHE", "memory")  # read where the app is built
+    defaults = RerankAppArgs.model_validate({})
+    assert defaults.engine_options()["cache"] == "memory"
+    assert (defaults.long_docs, defaults.backend, defaults.quantize) == ("truncate", "torch", False)
+
+    for bad, message in (
+        ({"long_docs": "paragraph"}, "long_docs"),
+        ({"aggregate": "median"}, "aggregate"),
+        ({"backend": "tensorrt"}, "backend"),
+        ({"quantize": True}, "quantize=True needs backend='onnx'"),
+        ({"chunk_tokens": 0}, "chunk_tokens must be a positive int"),
+        ({"chunk_overlap": -1}, "chunk_overlap must be an int >= 0"),
+        ({"query_max_length": 0}, "query_max_length must be a positive int"),
+        ({"max_length": 4}, "max_length must be an int >= 8"),
+        ({"cache": "redis:/u:pw-in-url@host"}, "cache must be None, 'memory'"),
+    ):
+        with pytest.raises(ValidationError) as err:
+            RerankAppArgs.model_validate(bad)
+        assert message in str(err.value) and "pw-in-url" not in str(err.value), bad

@@ -124,26 +124,37 @@ class RedisCache:
         pipe.execute()
 
 
-def open_cache(spec: str | Cache | None) -> Cache | None:
-    """``None``, ``"memory"``, a ``redis://``/``rediss://``/``unix://`` URL, or a
-    :class:`Cache` object."""
-    if spec is None:
-        return None
+_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_cache(spec: object) -> None:
+    """Raise the error :func:`open_cache` would raise for ``spec``, opening nothing (so a
+    command line can refuse a bad value before loading a model). A refused string is shown
+    without the ``user:password@`` part a URL may carry."""
+    if spec is None or isinstance(spec, Cache):
+        return
     if isinstance(spec, str):
-        if spec == "memory":
-            return MemoryCache()
-        if spec.startswith(("redis://", "rediss://", "unix://")):
-            return RedisCache(spec)
+        if spec == "memory" or spec.startswith(_URL_SCHEMES):
+            return
         raise ValueError(
             "cache must be None, 'memory', a redis:// URL or a Cache object "
             f"(with get_many/set_many), got the string {spec.split('@')[-1]!r}"
         )
-    if isinstance(spec, Cache):
-        return spec
     raise TypeError(
         "cache must be None, 'memory', a redis:// URL or a Cache object "
         f"(with get_many/set_many), got {type(spec).__name__}"
     )
+
+
+def open_cache(spec: str | Cache | None) -> Cache | None:
+    """``None``, ``"memory"``, a ``redis://``/``rediss://``/``unix://`` URL, or a
+    :class:`Cache` object."""
+    check_cache(spec)
+    if spec == "memory":
+        return MemoryCache()
+    if isinstance(spec, str):
+        return RedisCache(spec)
+    return spec
 
 
 @dataclass(frozen=True)

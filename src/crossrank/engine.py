@@ -17,13 +17,14 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from crossrank.batching import BatchObserver, MicroBatcher, plan_batches
-from crossrank.cache import Cache, CacheStats, ScoreCache, open_cache
+from crossrank.cache import Cache, CacheStats, ScoreCache, check_cache, open_cache
 from crossrank.dispatch import chunk_sizes, run_on_devices, score_overlapped
 from crossrank.loading import load, resolve_device, resolve_dtype
 from crossrank.longdoc import DocScores, LongDocs, aggregate
@@ -66,7 +67,51 @@ class _Job:
     cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
 
 
-_BACKENDS = ("torch", "onnx")
+#: Where the forward pass runs: PyTorch, or ONNX Runtime on CPU (``quantize`` for int8).
+Backend = Literal["torch", "onnx"]
+_BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+def check_options(
+    *,
+    max_length: int = 512,
+    query_max_length: int | None = None,
+    batch_tokens: int | None = None,
+    long_docs: str = "truncate",
+    chunk_tokens: int | None = None,
+    chunk_overlap: int | None = None,
+    aggregate: str = "max",
+    cache: str | Cache | None = None,
+    backend: str = "torch",
+    quantize: bool = False,
+    split_tokens: int = 16384,
+) -> LongDocs:
+    """Check the :class:`Reranker` options that need no model, opening nothing; returns the
+    long-document settings.
+
+    The constructor starts with it, and a server's command line or config schema calls it to
+    refuse bad options before any model loads. A ``ValueError`` (``TypeError`` for a cache of
+    the wrong type) starts with the name of the bad parameter. Checks that need the tokenizer
+    (``chunk_overlap`` against the window, ``query_max_length`` against ``max_length``) and
+    the device happen at load.
+    """
+    if isinstance(split_tokens, bool) or not isinstance(split_tokens, int) or split_tokens < 1:
+        raise ValueError(f"split_tokens must be a positive int, got {split_tokens!r}")
+    settings = LongDocs(long_docs, chunk_tokens, chunk_overlap, aggregate)
+    check_cache(cache)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if quantize and backend != "onnx":
+        raise ValueError("quantize=True needs backend='onnx' (dynamic int8 via ONNX Runtime)")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
+        raise ValueError(f"max_length must be an int >= 8, got {max_length!r}")
+    if query_max_length is not None and (
+        not isinstance(query_max_length, int) or query_max_length < 1
+    ):
+        raise ValueError(f"query_max_length must be a positive int, got {query_max_length!r}")
+    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
+        raise ValueError(f"batch_tokens must be a positive int or None, got {batch_tokens!r}")
+    return settings
 
 
 class Reranker:
@@ -134,14 +179,20 @@ class Reranker:
         if not devices:
             raise ValueError("device must be a device or a non-empty list of devices")
         device = devices[0]
-        if isinstance(split_tokens, bool) or not isinstance(split_tokens, int) or split_tokens < 1:
-            raise ValueError(f"split_tokens must be a positive int, got {split_tokens!r}")
-        self.long_docs = LongDocs(long_docs, chunk_tokens, chunk_overlap, aggregate)
+        self.long_docs = check_options(
+            max_length=max_length,
+            query_max_length=query_max_length,
+            batch_tokens=batch_tokens,
+            long_docs=long_docs,
+            chunk_tokens=chunk_tokens,
+            chunk_overlap=chunk_overlap,
+            aggregate=aggregate,
+            cache=cache,
+            backend=backend,
+            quantize=quantize,
+            split_tokens=split_tokens,
+        )
         cache_backend = open_cache(cache)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if quantize and backend != "onnx":
-            raise ValueError("quantize=True needs backend='onnx' (dynamic int8 via ONNX Runtime)")
         if backend == "onnx":
             # Imported here: onnxruntime is the optional extra crossrank[onnx]; the import
             # raises an ImportError naming it when it is missing.
@@ -151,12 +202,8 @@ class Reranker:
                 device = "cpu"
             if dtype == "auto":
                 dtype = "float32"
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
-            raise ValueError(f"max_length must be an int >= 8, got {max_length!r}")
         if query_max_length is None:
             query_max_length = max_length * 3 // 4
-        if not isinstance(query_max_length, int) or query_max_length < 1:
-            raise ValueError(f"query_max_length must be a positive int, got {query_max_length!r}")
         self.model_name = model_name_or_path
         self.revision = revision
         self.device = resolve_device(device)
@@ -169,8 +216,6 @@ class Reranker:
         self.backend = backend
         self.quantize = bool(quantize)
         self.normalize = bool(normalize)
-        if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
-            raise ValueError(f"batch_tokens must be a positive int or None, got {batch_tokens!r}")
         self.batch_tokens = batch_tokens or _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192)
         loaded = load(
             model_name_or_path,

@@ -30,7 +30,8 @@ from pydantic import (
 )
 from ray import serve
 
-from crossrank.engine import DEFAULT_MODEL, Reranker
+from crossrank.engine import DEFAULT_MODEL, Backend, Reranker, check_options
+from crossrank.longdoc import Aggregate, LongDocsMode
 from crossrank.result import RerankResult
 from crossrank.server.settings import ServerSettings
 from crossrank.tabular import Columns, score_table
@@ -197,7 +198,8 @@ class RerankAppArgs(BaseModel):
     """What :func:`build_app` builds: the options of ``crossrank serve --ray``, and the
     ``args`` of a Serve config file (``import_path: crossrank.ray:build_app``)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Errors never repeat the input: it may hold the API key or a cache URL's password.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     model: str = Field(DEFAULT_MODEL, description="Hub id or local directory on every node.")
     replicas: PositiveInt | None = Field(None, description="A fixed number of replicas (1).")
@@ -213,8 +215,20 @@ class RerankAppArgs(BaseModel):
     num_cpus: NonNegativeFloat = Field(1, description="CPUs per replica.")
     device: str = "auto"
     dtype: str = "auto"
-    max_length: PositiveInt = 512
-    max_batch_tokens: PositiveInt | None = None
+    max_length: int = 512
+    query_max_length: int | None = None
+    max_batch_tokens: int | None = None
+    long_docs: LongDocsMode = "truncate"
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
+    aggregate: Aggregate = "max"
+    cache: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("CROSSRANK_CACHE"),
+        description="Score cache: 'memory' (one per replica) or a redis:// URL shared by the "
+        "replicas (default: $CROSSRANK_CACHE; kept secret, as a URL may hold a password).",
+    )
+    backend: Backend = "torch"
+    quantize: bool = False
     max_docs: PositiveInt = 1000
     max_queue: PositiveInt = 10_000
     request_timeout: PositiveFloat = 120.0
@@ -243,6 +257,27 @@ class RerankAppArgs(BaseModel):
             if self.autoscale[0] > self.autoscale[1]:
                 raise ValueError(f"autoscale MIN:MAX needs MIN <= MAX, got {self.autoscale}")
         return self
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> RerankAppArgs:
+        """The engine's own checks, so a bad option fails here rather than in every replica."""
+        check_options(**self.engine_options())
+        return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """The :class:`~crossrank.Reranker` keyword arguments besides the model and device."""
+        return {
+            "max_length": self.max_length,
+            "query_max_length": self.query_max_length,
+            "batch_tokens": self.max_batch_tokens,
+            "long_docs": self.long_docs,
+            "chunk_tokens": self.chunk_tokens,
+            "chunk_overlap": self.chunk_overlap,
+            "aggregate": self.aggregate,
+            "cache": self.cache.get_secret_value() if self.cache is not None else None,
+            "backend": self.backend,
+            "quantize": self.quantize,
+        }
 
 
 def _env_secret(name: str) -> SecretStr | None:
@@ -283,12 +318,7 @@ def build_app(args: RerankAppArgs | dict[str, Any] | None = None) -> serve.Appli
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": num_gpus}, **scaling
     )
     return deployment.bind(
-        model,
-        settings,
-        device=args.device,
-        dtype=args.dtype,
-        max_length=args.max_length,
-        batch_tokens=args.max_batch_tokens,
+        model, settings, device=args.device, dtype=args.dtype, **args.engine_options()
     )
 
 

@@ -108,6 +108,7 @@ class _ModelState:
         batcher = reranker.batcher(self.settings.max_queue)
         reranker.batch_observer = self.metrics.observe_batch
         self.metrics.track_queue(lambda: batcher.pending_pairs)
+        self.metrics.track_cache(lambda: reranker.cache_stats)
         self.metrics.ready.set(1)
         self.reranker = reranker
         logger.info("ready: serving %s", self.model_name)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any
 
 import typer
 
-from crossrank.engine import DEFAULT_MODEL, Reranker
+from crossrank.engine import DEFAULT_MODEL, Backend, Reranker, check_options
+from crossrank.longdoc import Aggregate, LongDocsMode
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: Engine parameters whose command-line option is not ``--`` plus the dashed name.
+_FLAGS = {"batch_tokens": "--max-batch-tokens"}
 
 
 def serve(
@@ -47,6 +51,50 @@ def serve(
     max_length: Annotated[
         int, typer.Option(min=8, help="Most tokens per (query, document) pair.")
     ] = 512,
+    query_max_length: Annotated[
+        int | None,
+        typer.Option(
+            help="Most query tokens; longer queries are cut (default: 3/4 of max length)."
+        ),
+    ] = None,
+    long_docs: Annotated[
+        LongDocsMode,
+        typer.Option(
+            help="A document longer than max length: keep its first tokens (truncate), or "
+            "score every window of it and keep one score (chunk)."
+        ),
+    ] = "truncate",
+    chunk_tokens: Annotated[
+        int | None,
+        typer.Option(help="With chunk: document tokens per window (default: all the room)."),
+    ] = None,
+    chunk_overlap: Annotated[
+        int | None,
+        typer.Option(help="With chunk: tokens shared by neighbouring windows (default: 1/8)."),
+    ] = None,
+    aggregate: Annotated[
+        Aggregate,
+        typer.Option(help="With chunk: a document's score from its windows' scores."),
+    ] = "max",
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CROSSRANK_CACHE",
+            metavar="memory|redis://...",
+            help="Score cache: 'memory' (an LRU in each process) or a redis://, rediss:// or "
+            "unix:// URL shared by several servers (entries expire after a day). Prefer the "
+            "environment variable for a URL with a password.",
+            show_default=False,
+        ),
+    ] = None,
+    backend: Annotated[
+        Backend,
+        typer.Option(help="torch, or onnx (ONNX Runtime, CPU, float32 or int8)."),
+    ] = "torch",
+    quantize: Annotated[
+        bool,
+        typer.Option("--quantize/--no-quantize", help="With --backend onnx: dynamic int8 weights."),
+    ] = False,
     use_ray: Annotated[
         bool,
         typer.Option(
@@ -85,6 +133,19 @@ def serve(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    engine: dict[str, Any] = {
+        "max_length": max_length,
+        "query_max_length": query_max_length,
+        "batch_tokens": max_batch_tokens,
+        "long_docs": long_docs,
+        "chunk_tokens": chunk_tokens,
+        "chunk_overlap": chunk_overlap,
+        "aggregate": aggregate,
+        "cache": cache,
+        "backend": backend,
+        "quantize": quantize,
+    }
+    _check_engine_options(engine)
     if host not in _LOOPBACK and api_key is None:
         logging.getLogger(__name__).warning(
             "binding %s without an API key: anyone who can reach this port can use the server",
@@ -101,7 +162,15 @@ def serve(
             device=device,
             dtype=dtype,
             max_length=max_length,
+            query_max_length=query_max_length,
             max_batch_tokens=max_batch_tokens,
+            long_docs=long_docs,
+            chunk_tokens=chunk_tokens,
+            chunk_overlap=chunk_overlap,
+            aggregate=aggregate,
+            cache=cache,
+            backend=backend,
+            quantize=quantize,
             max_docs=max_docs,
             max_queue=max_queue,
             request_timeout=request_timeout,
@@ -112,13 +181,23 @@ def serve(
         raise typer.BadParameter("--replicas and --autoscale need --ray")
 
     def load() -> Reranker:
-        return Reranker(
-            model, device=device, dtype=dtype, max_length=max_length, batch_tokens=max_batch_tokens
-        )
+        return Reranker(model, device=device, dtype=dtype, **engine)
 
     code = run_server(load, settings, host=host, port=port)
     if code:
         raise typer.Exit(code)
+
+
+def _check_engine_options(options: dict[str, Any]) -> None:
+    """The engine's own checks of the options it can judge without a model, as a usage
+    error naming the command-line option (the engine's message starts with its parameter)."""
+    try:
+        check_options(**options)
+    except ValueError as err:
+        match = re.match(r"\w+", str(err))
+        param = match.group() if match else ""
+        hint = [_FLAGS.get(param, f"--{param.replace('_', '-')}")] if param in options else None
+        raise typer.BadParameter(str(err), param_hint=hint) from None
 
 
 def _serve_on_ray(*, host: str, port: int, **options: Any) -> None:

@@ -6,7 +6,7 @@ can live in one process (tests, embedding) without duplicate-metric errors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,6 +16,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from crossrank.cache import CacheStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _PAIR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -74,6 +78,8 @@ class ServerMetrics:
             "1 once the model is loaded and warmed up.",
             registry=self.registry,
         )
+        self._cache = _CacheCollector()
+        self.registry.register(self._cache)
 
     def observe_batch(self, pairs: int, tokens: int) -> None:
         """The engine's ``batch_observer``: called after every forward pass."""
@@ -85,6 +91,35 @@ class ServerMetrics:
         """Read the queue depth from ``depth`` at every scrape."""
         self.queue_depth.set_function(depth)
 
+    def track_cache(self, stats: Callable[[], CacheStats | None]) -> None:
+        """Read the engine's score-cache counters from ``stats`` at every scrape (no cache
+        metrics are exposed while it returns ``None``)."""
+        self._cache.stats = stats
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _CacheCollector(Collector):
+    """The engine's :class:`CacheStats`, read at scrape time: the engine owns the counters,
+    so they are exposed as they are rather than mirrored into client-side counters."""
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], CacheStats | None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        if stats is None:
+            return
+        for name, value, text in (
+            ("hits", stats.hits, "Pairs answered by the score cache."),
+            ("misses", stats.misses, "Pairs looked up in the score cache and sent to the model."),
+            ("errors", stats.errors, "Failed score-cache backend calls."),
+        ):
+            yield CounterMetricFamily(f"crossrank_cache_{name}", text, value=value)
+        yield GaugeMetricFamily(
+            "crossrank_cache_available",
+            "1 while the score cache is used, 0 while it is skipped after a failure.",
+            value=int(stats.available),
+        )
