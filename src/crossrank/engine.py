@@ -547,7 +547,8 @@ class Reranker:
         return self._score_encoded(self.encode(queries, documents), show_progress)
 
     def _score_encoded(self, encoded: EncodedPairs, show_progress: bool = False) -> np.ndarray:
-        if show_progress:  # the bar counts finished passes: wait for each in turn
+        if show_progress and not self._spreads(encoded):
+            # the bar counts finished passes: wait for each in turn
             out = np.empty(len(encoded), dtype=np.float32)
             batches = plan_batches(encoded.lengths, self.batch_tokens, packed=self.runner.packed)
             for rows in tqdm(batches, desc="scoring", unit="batch"):
@@ -555,11 +556,15 @@ class Reranker:
             return out
         return self._submit_encoded(encoded)()
 
+    def _spreads(self, encoded: EncodedPairs) -> bool:
+        """Whether ``encoded`` is large enough to be spread over several devices."""
+        return bool(self._replicas) and encoded.total_tokens >= self.split_tokens
+
     def _submit_encoded(self, encoded: EncodedPairs) -> Pending:
         """Queue every pass of ``encoded`` (token-budgeted batches; spread over the devices
         when the call is large enough); the result gives scores in ``encoded`` order."""
         packed = self.runner.packed
-        if self._replicas and encoded.total_tokens >= self.split_tokens:
+        if self._spreads(encoded):
             budget = min(self.batch_tokens, -(-encoded.total_tokens // (len(self._replicas) + 1)))
             budget = max(budget, int(encoded.lengths.max()))
             batches = plan_batches(encoded.lengths, budget, packed=packed)
