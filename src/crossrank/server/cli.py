@@ -153,6 +153,10 @@ def serve(
         )
 
     if use_ray:
+        # RerankAppArgs spells the engine's batch_tokens as the flag does: max_batch_tokens
+        ray_engine = {
+            ("max_batch_tokens" if k == "batch_tokens" else k): v for k, v in engine.items()
+        }
         _serve_on_ray(
             host=host,
             port=port,
@@ -161,20 +165,11 @@ def serve(
             autoscale=autoscale,
             device=device,
             dtype=dtype,
-            max_length=max_length,
-            query_max_length=query_max_length,
-            max_batch_tokens=max_batch_tokens,
-            long_docs=long_docs,
-            chunk_tokens=chunk_tokens,
-            chunk_overlap=chunk_overlap,
-            aggregate=aggregate,
-            cache=cache,
-            backend=backend,
-            quantize=quantize,
             max_docs=max_docs,
             max_queue=max_queue,
             request_timeout=request_timeout,
             api_key=api_key,
+            **ray_engine,
         )
         return
     if replicas is not None or autoscale is not None:
