@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crossrank.errors import QueueFullError
 from crossrank.tokenization import EncodedPairs
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,6 @@ def plan_batches(lengths: np.ndarray, budget: int, *, packed: bool = False) -> l
             batches.append(order[start : start + size])
             start += size
     return batches
-
-
-class QueueFullError(RuntimeError):
-    """The micro-batching queue holds its maximum number of pending pairs; retry later."""
 
 
 @dataclass(eq=False)

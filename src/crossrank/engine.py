@@ -17,17 +17,18 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from crossrank.batching import BatchObserver, MicroBatcher, plan_batches
-from crossrank.cache import Cache, CacheStats, ScoreCache, check_cache, open_cache
+from crossrank.cache import Cache, CacheStats, ScoreCache, open_cache
 from crossrank.dispatch import chunk_sizes, run_on_devices, score_overlapped
 from crossrank.loading import load, resolve_device, resolve_dtype
 from crossrank.longdoc import DocScores, LongDocs, aggregate
+from crossrank.options import EngineOptions
 from crossrank.packed import PackedOptions, choose_runner
 from crossrank.result import RerankResult
 from crossrank.runners import Pending, Runner
@@ -67,51 +68,14 @@ class _Job:
     cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
 
 
-#: Where the forward pass runs: PyTorch, or ONNX Runtime on CPU (``quantize`` for int8).
-Backend = Literal["torch", "onnx"]
-_BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
-def check_options(
-    *,
-    max_length: int = 512,
-    query_max_length: int | None = None,
-    batch_tokens: int | None = None,
-    long_docs: str = "truncate",
-    chunk_tokens: int | None = None,
-    chunk_overlap: int | None = None,
-    aggregate: str = "max",
-    cache: str | Cache | None = None,
-    backend: str = "torch",
-    quantize: bool = False,
-    split_tokens: int = 16384,
-) -> LongDocs:
-    """Check the :class:`Reranker` options that need no model, opening nothing; returns the
-    long-document settings.
-
-    The constructor starts with it, and a server's command line or config schema calls it to
-    refuse bad options before any model loads. A ``ValueError`` (``TypeError`` for a cache of
-    the wrong type) starts with the name of the bad parameter. Checks that need the tokenizer
-    (``chunk_overlap`` against the window, ``query_max_length`` against ``max_length``) and
-    the device happen at load.
-    """
-    if isinstance(split_tokens, bool) or not isinstance(split_tokens, int) or split_tokens < 1:
-        raise ValueError(f"split_tokens must be a positive int, got {split_tokens!r}")
-    settings = LongDocs(long_docs, chunk_tokens, chunk_overlap, aggregate)
-    check_cache(cache)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if quantize and backend != "onnx":
-        raise ValueError("quantize=True needs backend='onnx' (dynamic int8 via ONNX Runtime)")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
-        raise ValueError(f"max_length must be an int >= 8, got {max_length!r}")
-    if query_max_length is not None and (
-        not isinstance(query_max_length, int) or query_max_length < 1
-    ):
-        raise ValueError(f"query_max_length must be a positive int, got {query_max_length!r}")
-    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
-        raise ValueError(f"batch_tokens must be a positive int or None, got {batch_tokens!r}")
-    return settings
+def check_options(**options: Any) -> LongDocs:
+    """Check engine options without a model (see :class:`~crossrank.options.EngineOptions`);
+    returns the long-document settings. Kept for the front doors until they build an
+    ``EngineOptions`` themselves."""
+    opts = EngineOptions.build(**options)
+    return LongDocs(opts.long_docs, opts.chunk_tokens, opts.chunk_overlap, opts.aggregate)
 
 
 class Reranker:
@@ -148,6 +112,17 @@ class Reranker:
     def __init__(
         self,
         model_name_or_path: str = DEFAULT_MODEL,
+        options: EngineOptions | None = None,
+        **overrides: Any,
+    ) -> None:
+        """``options`` (an :class:`~crossrank.options.EngineOptions`) and/or keyword
+        ``overrides`` of it (every option's meaning is documented there)."""
+        self.options = EngineOptions.build(options, **overrides)
+        self._setup(model_name_or_path, **self.options.as_dict())
+
+    def _setup(
+        self,
+        model_name_or_path: str,
         *,
         device: str | torch.device | Sequence[str | torch.device] = "auto",
         dtype: str | torch.dtype = "auto",

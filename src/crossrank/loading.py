@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from crossrank.errors import ModelLoadError
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -32,10 +33,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer could not be loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,12 @@ scores back into one raw score per document plus the character span of its best 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 
+from crossrank.options import AGGREGATES, LONG_DOCS_MODES as MODES
 from crossrank.tokenization import EncodedPairs
 
-#: The ``long_docs`` modes; the type lets a command line or a config schema offer exactly them.
-LongDocsMode = Literal["truncate", "chunk"]
-#: How window scores fold into one document score.
-Aggregate = Literal["max", "mean", "first"]
-MODES: tuple[str, ...] = get_args(LongDocsMode)
-AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 
 
 def _is_int(value: object) -> bool:

@@ -30,8 +30,8 @@ from pydantic import (
 )
 from ray import serve
 
-from crossrank.engine import DEFAULT_MODEL, Backend, Reranker, check_options
-from crossrank.longdoc import Aggregate, LongDocsMode
+from crossrank.engine import DEFAULT_MODEL, Reranker, check_options
+from crossrank.options import Aggregate, Backend, LongDocsMode
 from crossrank.result import RerankResult
 from crossrank.server.settings import ServerSettings
 from crossrank.tabular import Columns, score_table

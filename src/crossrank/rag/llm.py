@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from crossrank.errors import LLMError
+
 logger = logging.getLogger(__name__)
 
 BASE_URL_ENV = "CROSSRANK_LLM_BASE_URL"
@@ -31,10 +33,6 @@ INSTRUCTIONS = (
     "in square brackets, e.g. [p012]. If the passages do not contain the answer, say so. "
     "Answer in the language of the question."
 )
-
-
-class LLMError(RuntimeError):
-    """The LLM endpoint failed or returned something that is not a chat completion."""
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from crossrank.engine import DEFAULT_MODEL, Backend, Reranker, check_options
-from crossrank.longdoc import Aggregate, LongDocsMode
+from crossrank.engine import DEFAULT_MODEL, Reranker, check_options
+from crossrank.options import Aggregate, Backend, LongDocsMode
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: Engine parameters whose command-line option is not ``--`` plus the dashed name.
