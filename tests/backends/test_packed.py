@@ -118,17 +118,9 @@ def test_engine_fast_path_restores_input_order(tiny_model_dir, reference, xquad)
     fast.close()
 
 
-def test_bert_family_with_token_types() -> None:
-    config = BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-        num_labels=2,
-        initializer_range=0.3,
+def test_bert_family_with_token_types(tiny_bert_config) -> None:
+    config = tiny_bert_config(
+        vocab_size=120, max_position_embeddings=64, num_labels=2, initializer_range=0.3
     )
     torch.manual_seed(0)
     model = BertForSequenceClassification(config).eval()
