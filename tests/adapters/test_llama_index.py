@@ -33,8 +33,6 @@ from crossrank import Reranker
 from crossrank.llama_index import CrossRankRerank
 from crossrank.loading import ModelLoadError
 
-pytest_plugins = ["rag_fixtures"]
-
 MISSING_MODEL = "/nonexistent/crossrank-model"
 RETRIEVE = 50
 TOP_N = 5

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sentence_transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_peers.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_peers.py"
 
 
 def test_quick_run_reports_all_systems(skeleton_dir: Path, tmp_path: Path) -> None:

@@ -21,18 +21,8 @@ import pytest
 from crossrank import Reranker
 from crossrank import cache as cache_module
 from crossrank.cache import CacheStats, MemoryCache, RedisCache, ScoreCache
+from tests.conftest import DOCS, QUERY
 
-QUERY = "Which planet is known as the Red Planet?"
-DOCS = [
-    "Mars is known as the Red Planet because of iron oxide on its surface.",
-    "Jupiter is the largest planet in the solar system.",
-    "火星因表面的氧化铁而被称为红色星球。",
-    "La tour Eiffel se trouve à Paris.",
-    "",
-    "Der Rhein fließt durch Deutschland und die Schweiz.",
-    "pandas read_csv accepts skiprows to skip lines at the start of a file.",
-    "東京は日本の首都です。",
-]
 LONG = " ".join(f"Clause {i} of the contract covers the delivery of goods." for i in range(40))
 
 
@@ -66,8 +56,8 @@ def test_only_misses_reach_the_model_and_scores_equal_uncached(
     first = memory_reranker.score(QUERY, DOCS[:3])
     assert sum(rows) == 3
     rows.clear()
-    mixed = memory_reranker.score(QUERY, DOCS)  # 3 hits, 5 misses
-    assert sum(rows) == 5
+    mixed = memory_reranker.score(QUERY, DOCS)  # 3 hits, the rest misses
+    assert sum(rows) == len(DOCS) - 3
     rows.clear()
     again = memory_reranker.score(QUERY, DOCS)
     assert rows == []  # all hits: no forward pass at all

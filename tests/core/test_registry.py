@@ -13,8 +13,6 @@ import torch
 from crossrank import Reranker
 from crossrank.registry import get_reranker
 
-pytest_plugins = ["rag_fixtures"]
-
 
 def loads(caplog: pytest.LogCaptureFixture) -> int:
     """Model loads seen in the log (crossrank.loading logs one line per load)."""

@@ -24,8 +24,6 @@ from crossrank import Reranker
 from crossrank.rag.corpus import Corpus, load_demo_corpus
 from crossrank.rag.retrieval import DenseIndex
 
-pytest_plugins = ["rag_fixtures"]
-
 PROMPT_ID = re.compile(r"^\[([^\]\n]+)\] ", re.MULTILINE)
 
 

@@ -20,9 +20,8 @@ from crossrank.rag.corpus import Corpus, Passage
 from crossrank.rag.retrieval import DenseIndex
 
 if TYPE_CHECKING:
-    from rag_demo_fixtures import Expected, StubLLMServer
+    from tests.rag.conftest import Expected, StubLLMServer
 
-pytest_plugins = ["rag_demo_fixtures"]
 
 # The commands as crossrank.cli registers them.
 app = typer.Typer()

@@ -16,11 +16,10 @@ import pytest
 from crossrank.rag.llm import DRY_RUN_NOTICE
 
 if TYPE_CHECKING:
-    from rag_demo_fixtures import Expected, StubLLMServer
+    from tests.rag.conftest import Expected, StubLLMServer
 
-pytest_plugins = ["rag_demo_fixtures"]
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 LLM_VARS = ("CROSSRANK_LLM_BASE_URL", "CROSSRANK_LLM_MODEL", "CROSSRANK_LLM_API_KEY")
 
 

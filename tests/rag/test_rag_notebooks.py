@@ -13,11 +13,10 @@ import pytest
 import crossrank
 
 if TYPE_CHECKING:
-    from rag_demo_fixtures import Expected
+    from tests.rag.conftest import Expected
 
-pytest_plugins = ["rag_demo_fixtures"]
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 SOURCE = str(Path(crossrank.__file__).resolve().parents[1])
 #: Notebook -> how its cells name the passage id of a retrieved/reranked item.
 ID_OF = {"langchain_rag.ipynb": "x.id", "llamaindex_rag.ipynb": "x.node.node_id"}

@@ -22,9 +22,7 @@ from crossrank.rag.pipeline import Pipeline, QueryRun, Ranked
 from crossrank.rag.retrieval import DenseIndex, Hit
 
 if TYPE_CHECKING:
-    from rag_demo_fixtures import Expected, StubLLMServer
-
-pytest_plugins = ["rag_demo_fixtures"]
+    from tests.rag.conftest import Expected, StubLLMServer
 
 
 # ------------------------------------------------------------------------------ corpora

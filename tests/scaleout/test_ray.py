@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from crossrank import Reranker
+from tests.conftest import DOCS, QUERY
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -151,15 +152,6 @@ def test_score_file_on_ray_writes_what_the_local_path_writes(
 
 
 # -------------------------------------------------------------------------- Ray Serve
-QUERY = "Which planet is known as the red planet?"
-DOCS = [
-    "Mars is known as the Red Planet because of iron oxide on its surface.",
-    "Jupiter is the largest planet in the solar system.",
-    "火星因表面的氧化铁而被称为红色星球。",
-    "La tour Eiffel se trouve à Paris.",
-    "",
-    "pandas read_csv accepts skiprows to skip lines at the start of a file.",
-]
 MAX_DOCS = 20
 KEY = "sk-ray-test"
 

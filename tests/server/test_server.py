@@ -14,27 +14,16 @@ import httpx
 import numpy as np
 import pytest
 
-from _server_helpers import metric, wait_until
 from crossrank import Reranker
 from crossrank.loading import ModelLoadError
 from crossrank.server import ServerSettings, create_app
 from crossrank.server.runner import BackgroundServer
+from tests.conftest import DOCS, QUERY
+from tests.server.helpers import metric, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 KEY = "sk-test-" + uuid.uuid4().hex
-QUERY = "Which planet is known as the red planet?"
-DOCS = [
-    "Mars is known as the Red Planet because of iron oxide on its surface.",
-    "Jupiter is the largest planet in the solar system.",
-    "火星因表面的氧化铁而被称为红色星球。",
-    "La tour Eiffel se trouve à Paris.",
-    "Der Rhein fließt durch Deutschland und die Schweiz.",
-    "東京は日本の首都です。",
-    "pandas read_csv accepts skiprows to skip lines at the start of a file.",
-    "",
-    "Venus is the hottest planet even though Mercury is closer to the Sun.",
-]
 MAX_DOCS = 50
 MAX_BODY = 64 * 1024
 

@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pytest
 
-from _server_helpers import SpyReranker, metric, wait_until
 from crossrank.server import ServerSettings, create_app
 from crossrank.server.runner import BackgroundServer
+from tests.server.helpers import SpyReranker, metric, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

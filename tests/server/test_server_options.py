@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 import crossrank.server.cli
 import crossrank.server.runner
-from _server_helpers import metric
 from crossrank import Reranker
 from crossrank.server import ServerSettings, create_app
 from crossrank.server.runner import BackgroundServer
+from tests.server.helpers import metric
 
 pytestmark = pytest.mark.timeout(300)
 

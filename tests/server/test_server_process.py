@@ -18,8 +18,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from _server_helpers import metric, wait_until
 from crossrank.server.cli import serve
+from tests.server.helpers import metric, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

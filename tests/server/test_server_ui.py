@@ -12,6 +12,8 @@ import torch
 from crossrank import Reranker
 from crossrank.server import ServerSettings, create_app
 from crossrank.server.runner import BackgroundServer
+from tests.conftest import DOCS as SAMPLE_DOCS
+from tests.conftest import QUERY
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,19 +26,10 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 KEY = "ui-test-key"
-QUERY = "Which planet is known as the red planet?"
-DOCS = [
-    "Mars is known as the Red Planet because of iron oxide on its surface.",
-    "Jupiter is the largest planet in the solar system.",
-    "La tour Eiffel se trouve à Paris.",
-    "Der Rhein fließt durch Deutschland und die Schweiz.",
-    "東京は日本の首都です。",
-    "pandas read_csv accepts skiprows to skip lines at the start of a file.",
-    "Venus is the hottest planet even though Mercury is closer to the Sun.",
-    "<b>markup</b> stays text",
-]
+#: The sample documents as a user pastes them (one per line, so no empty one), plus markup.
+DOCS = [*(doc for doc in SAMPLE_DOCS if doc), "<b>markup</b> stays text"]
 GREEN, RED = "rgb(22, 163, 74)", "rgb(220, 38, 38)"
 
 
