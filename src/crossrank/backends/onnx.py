@@ -3,7 +3,7 @@
 On CPU, torch fp32 is the slow path; ONNX Runtime with dynamic int8 quantization runs the same
 graph several times faster. The engine still owns tokenization, length sorting and batching;
 this module only turns a checkpoint into a cached ``.onnx`` file and runs padded batches
-through it (a :class:`crossrank.runners.Runner`).
+through it (a :class:`crossrank.backends.base.Runner`).
 
 The export uses the ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``): the
 TorchScript exporter traces the attention-mask branch of recent transformers as a constant
@@ -40,8 +40,9 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
+from crossrank.backends.base import Pending, Runner
+from crossrank.errors import MissingExtraError
 from crossrank.loading import LoadedModel, load_weights
-from crossrank.runners import Pending, Runner
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 
 try:
@@ -50,7 +51,7 @@ try:
     import onnxruntime.quantization
     from onnxruntime.quantization import QuantType, quantize_dynamic
 except ImportError as err:  # pragma: no cover - exercised by simulating the absence
-    raise ImportError(
+    raise MissingExtraError(
         "backend='onnx' needs onnxruntime, onnx and onnxscript; install them with "
         "pip install 'crossrank[onnx]'"
     ) from err
