@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from crossrank.backends import Runner, build_workers, compute_dtype, resolve_devices
 from crossrank.backends.families import pair_lengths
 from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
-from crossrank.batching import BatchObserver, MicroBatcher, plan_batches
+from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
 from crossrank.cache import CacheStats, ScoreCache, open_cache
 from crossrank.loading import load
 from crossrank.longdoc import DocScores, LongDocs, aggregate
@@ -154,8 +153,7 @@ class Reranker:
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MicroBatcher] = (
             weakref.WeakKeyDictionary()
         )
-        self._observers: tuple[BatchObserver, ...] = ()
-        self._observers_lock = threading.Lock()
+        self._observers = Observers()
 
     def __repr__(self) -> str:
         return (
@@ -308,17 +306,7 @@ class Reranker:
     def subscribe(self, observer: BatchObserver) -> Callable[[], None]:
         """Call ``observer(pairs, tokens)`` after every forward pass of the async path (a
         server's metrics); returns the function that unsubscribes it (safe to call twice)."""
-        with self._observers_lock:
-            self._observers = (*self._observers, observer)
-
-        def unsubscribe() -> None:
-            with self._observers_lock:
-                kept = list(self._observers)
-                if observer in kept:
-                    kept.remove(observer)
-                self._observers = tuple(kept)
-
-        return unsubscribe
+        return self._observers.subscribe(observer)
 
     # ------------------------------------------------------------------ building blocks
     def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
@@ -355,7 +343,7 @@ class Reranker:
                 packed=self.runner.packed,
                 executor=self._executor,
                 max_pending_pairs=max_pending_pairs,
-                observer=self._observe,
+                observer=self._observers,
             )
             self._batchers[loop] = batcher
         return batcher
@@ -379,10 +367,6 @@ class Reranker:
         self._call_pool.shutdown(wait=True)
 
     # -------------------------------------------------------------------- internals
-    def _observe(self, pairs: int, tokens: int) -> None:
-        for observer in self._observers:
-            observer(pairs, tokens)
-
     def _score_texts(
         self, queries: list[str], documents: list[str], show_progress: bool
     ) -> np.ndarray:
