@@ -219,13 +219,8 @@ class Reranker:
         top_n = check_top_n(top_n)
         docs = check_documents(documents)
         check_query(query)
-        scored = self._scores([query] * len(docs), docs, show_progress)
-        return to_results(
-            docs,
-            self._finish(scored.raw, None),
-            spans=scored.spans,
-            top_n=top_n,
-            threshold=threshold,
+        return self._ranked(
+            docs, self._scores([query] * len(docs), docs, show_progress), top_n, threshold
         )
 
     # ---------------------------------------------------------------- public async API
@@ -277,13 +272,7 @@ class Reranker:
         docs = check_documents(documents)
         check_query(query)
         scored, _ = await self._ascores([query] * len(docs), docs)
-        return to_results(
-            docs,
-            self._finish(scored.raw, None),
-            spans=scored.spans,
-            top_n=top_n,
-            threshold=threshold,
-        )
+        return self._ranked(docs, scored, top_n, threshold)
 
     # ------------------------------------------------------------- server interface
     def first_overlong(self, query: str, texts: Sequence[str]) -> int | None:
@@ -461,6 +450,12 @@ class Reranker:
                 self.long_docs.fingerprint(),
             ]
         )
+
+    def _ranked(
+        self, docs: list[str], scored: DocScores, top_n: int | None, threshold: float | None
+    ) -> list[RerankResult]:
+        normalized = self._finish(scored.raw, None)
+        return to_results(docs, normalized, spans=scored.spans, top_n=top_n, threshold=threshold)
 
     def _finish(self, raw: np.ndarray, normalize: bool | None) -> np.ndarray:
         return sigmoid(raw) if (self.normalize if normalize is None else normalize) else raw
