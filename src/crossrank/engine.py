@@ -243,7 +243,7 @@ class Reranker:
         """Raw scores (input order) and the tokens the forward passes computed for them
         (pairs answered by the score cache cost none): what a server reports as usage.
 
-        Raises :class:`~crossrank.batching.QueueFullError` when the queue holds its maximum
+        Raises :class:`~crossrank.errors.QueueFullError` when the queue holds its maximum
         of pending pairs; cancelling the awaiting task drops the pairs not yet sent to the
         model.
         """

@@ -117,7 +117,7 @@ def _cache(name: str, value: Any) -> None:
 
 def _fast_path(name: str, value: Any) -> None:
     """``None``, a ``bool``, or a :class:`crossrank.backends.packed.PackedOptions`."""
-    if value is not None and not isinstance(value, bool) and not hasattr(value, "graphs"):
+    if value is not None and not isinstance(value, bool) and not hasattr(value, "cuda_graphs"):
         raise OptionTypeError(
             name, f"{name} must be None, a bool or PackedOptions, got {type(value).__name__}"
         )
