@@ -31,8 +31,13 @@ for path in (ROOT / "src", ROOT / "benchmarks"):
 from gpu_peers import Pairs, load_workload, timed  # noqa: E402
 
 from crossrank import Reranker  # noqa: E402
-from crossrank.packed import kendall_tau  # noqa: E402
-from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir  # noqa: E402
+from crossrank.testing import (  # noqa: E402
+    SKELETON,
+    TINY_CONFIG,
+    build_random_reranker,
+    kendall_tau,
+    shared_dir,
+)
 
 
 def pairs_per_s(reranker: Reranker, pairs: Pairs, repeats: int) -> float:

@@ -53,11 +53,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from crossrank import Reranker, engine  # noqa: E402
-from crossrank.packed import PackedOptions, PackedRunner, kendall_tau  # noqa: E402
-from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir  # noqa: E402
+from crossrank import Reranker  # noqa: E402
+from crossrank.backends.packed import PackedOptions, PackedRunner  # noqa: E402
+from crossrank.testing import (  # noqa: E402
+    SKELETON,
+    TINY_CONFIG,
+    build_random_reranker,
+    kendall_tau,
+    shared_dir,
+)
 
 log = logging.getLogger("gpu_peers")
+#: The engine's tokenization-overlap options per ablation step: None = tokenize the whole
+#: call, then score (overlap never starts); "large" = the engine's setting before small calls
+#: were split (overlap above 128 pairs, 16-pair first chunk); "all" = the engine's default.
+OVERLAP_SETTINGS: dict[str | None, dict[str, int]] = {
+    None: {"overlap_min_pairs": 1 << 30},
+    "large": {"overlap_min_pairs": 128, "overlap_first_chunk": 16},
+    "all": {},
+}
 Pairs = list[tuple[str, str]]
 ScoreFn = Callable[[Pairs], np.ndarray]
 
@@ -556,7 +570,7 @@ class Bench:
         return row
 
     def ablate(self, model: Path, fp: str) -> None:
-        """Each fast-path step measured on its own, on one loaded model per dtype."""
+        """Each fast-path step measured on its own, one engine per step."""
 
         plain = PackedOptions(cuda_graphs=False, gelu_epilogue=False, fuse_residual=False)
         # overlap: None = tokenize the whole call, then score; "large" = chunked tokenization
@@ -584,7 +598,6 @@ class Bench:
                 ),
                 ("default, bf16", "bfloat16", PackedOptions(), "all"),
             ]
-        loaded: dict[str, Reranker] = {}
         for name, dtype, options, overlap in steps:
 
             def one(
@@ -593,28 +606,17 @@ class Bench:
                 options: PackedOptions = options,
                 overlap: str | None = overlap,
             ) -> Row:
-                if dtype not in loaded:
-                    loaded.clear()
-                    free(self.device)
-                    loaded[dtype] = self.crossrank(model, dtype, True)
-                reranker = loaded[dtype]
-                reranker.runner = PackedRunner(reranker.model, reranker.device, options)
-                public = self._scorer(reranker)
-
-                def scorer(pairs: Pairs) -> np.ndarray:
-                    if overlap:
-                        return public(pairs)
-                    encoded = reranker.encode([q for q, _ in pairs], [d for _, d in pairs])
-                    return reranker._score_encoded(encoded)
-
-                defaults = (engine._OVERLAP_MIN_PAIRS, engine._FIRST_CHUNK)
-                if overlap == "large":  # the engine's setting before small calls were split
-                    engine._OVERLAP_MIN_PAIRS, engine._FIRST_CHUNK = 128, 16
-                try:
-                    row = self.measure(f"{name} [{dtype}]", scorer)
-                finally:
-                    engine._OVERLAP_MIN_PAIRS, engine._FIRST_CHUNK = defaults
+                free(self.device)
+                reranker = Reranker(
+                    str(model),
+                    device=str(self.device),
+                    dtype=dtype,
+                    fast_path=options,
+                    **OVERLAP_SETTINGS[overlap],
+                )
+                row = self.measure(f"{name} [{dtype}]", self._scorer(reranker))
                 row.extra["runner_stats"] = asdict(reranker.runner.stats)  # type: ignore[attr-defined]
+                reranker.close()
                 return row
 
             self.guarded(self.ablation, name, one)
@@ -676,8 +678,8 @@ class Bench:
 
     def micro(self, encoded: Any) -> None:
         """Attention backends, LayerNorm and tokenizer paths on their own (into facts)."""
+        from crossrank.backends.packed import varlen_attention
         from crossrank.batching import plan_batches
-        from crossrank.packed import varlen_attention
 
         facts: dict[str, Any] = {}
         dev = self.device

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -82,6 +83,33 @@ class _Batch:
 
 BatchObserver = Callable[[int, int], None]
 """Called after each forward pass with (pairs, tokens computed)."""
+
+
+class Observers:
+    """A set of :data:`BatchObserver` s that is itself one: calling it calls each. Subscribing
+    returns the function that unsubscribes (safe to call twice); both may run on any thread
+    while the queue calls the set."""
+
+    def __init__(self) -> None:
+        self._observers: tuple[BatchObserver, ...] = ()
+        self._lock = threading.Lock()
+
+    def subscribe(self, observer: BatchObserver) -> Callable[[], None]:
+        with self._lock:
+            self._observers = (*self._observers, observer)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                kept = list(self._observers)
+                if observer in kept:
+                    kept.remove(observer)
+                self._observers = tuple(kept)
+
+        return unsubscribe
+
+    def __call__(self, pairs: int, tokens: int) -> None:
+        for observer in self._observers:  # a snapshot: (un)subscribing replaces the tuple
+            observer(pairs, tokens)
 
 
 class MicroBatcher:

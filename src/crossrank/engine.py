@@ -12,26 +12,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from crossrank.batching import BatchObserver, MicroBatcher, plan_batches
-from crossrank.cache import Cache, CacheStats, ScoreCache, open_cache
-from crossrank.dispatch import chunk_sizes, run_on_devices, score_overlapped
-from crossrank.loading import load, resolve_device, resolve_dtype
+from crossrank.backends import Runner, build_workers, compute_dtype, resolve_devices
+from crossrank.backends.families import pair_lengths
+from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
+from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
+from crossrank.cache import CacheStats, ScoreCache, open_cache
+from crossrank.loading import load
 from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.options import EngineOptions
-from crossrank.packed import PackedOptions, choose_runner
-from crossrank.result import RerankResult
-from crossrank.runners import Pending, Runner
+from crossrank.result import RerankResult, sigmoid, to_results
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 from crossrank.validation import (
     check_documents,
@@ -49,13 +47,6 @@ DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 # on CUDA a larger pass keeps the GPU busy and stays far from memory limits for a
 # 24-layer, 1024-wide model.
 _DEFAULT_BATCH_TOKENS = {"cpu": 8192, "mps": 16384, "cuda": 65536}
-# With a packed runner a call of more than _OVERLAP_MIN_PAIRS pairs is tokenized chunk by chunk
-# (the first chunk small, later ones up to _OVERLAP_PAIRS pairs) while the GPU scores the
-# chunks already queued. On one H200 a 1x50 call split 12 + 38 took 14.9-15.0 ms p50 against
-# 15.2-15.4 ms in one pass; smaller calls gain nothing (benchmarks/gpu_peers.py).
-_OVERLAP_MIN_PAIRS = 32
-_FIRST_CHUNK = 12
-_OVERLAP_PAIRS = 256
 
 
 @dataclass(frozen=True)
@@ -68,14 +59,11 @@ class _Job:
     cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
 
 
-
-
 def check_options(**options: Any) -> LongDocs:
     """Check engine options without a model (see :class:`~crossrank.options.EngineOptions`);
     returns the long-document settings. Kept for the front doors until they build an
     ``EngineOptions`` themselves."""
-    opts = EngineOptions.build(**options)
-    return LongDocs(opts.long_docs, opts.chunk_tokens, opts.chunk_overlap, opts.aggregate)
+    return LongDocs.from_options(EngineOptions.build(**options))
 
 
 class Reranker:
@@ -116,154 +104,56 @@ class Reranker:
         **overrides: Any,
     ) -> None:
         """``options`` (an :class:`~crossrank.options.EngineOptions`) and/or keyword
-        ``overrides`` of it (every option's meaning is documented there)."""
-        self.options = EngineOptions.build(options, **overrides)
-        self._setup(model_name_or_path, **self.options.as_dict())
-
-    def _setup(
-        self,
-        model_name_or_path: str,
-        *,
-        device: str | torch.device | Sequence[str | torch.device] = "auto",
-        dtype: str | torch.dtype = "auto",
-        max_length: int = 512,
-        query_max_length: int | None = None,
-        normalize: bool = True,
-        batch_tokens: int | None = None,
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        local_files_only: bool = False,
-        trust_remote_code: bool = False,
-        long_docs: str = "truncate",
-        chunk_tokens: int | None = None,
-        chunk_overlap: int | None = None,
-        aggregate: str = "max",
-        cache: str | Cache | None = None,
-        fast_path: bool | PackedOptions | None = None,
-        split_tokens: int = 16384,
-        backend: str = "torch",
-        quantize: bool = False,
-        onnx_cache_dir: str | None = None,
-    ) -> None:
-        """``fast_path``: ``None`` picks the packed (padding-free) CUDA runner where it applies,
-        ``False`` forces the padded reference runner, ``True`` or :class:`PackedOptions` forces
-        the packed one. ``device`` may list several devices (``["cuda:0", "cuda:1"]``): one
-        replica per device, and synchronous calls of at least ``split_tokens`` tokens are
-        split across them."""
-        devices = [device] if isinstance(device, (str, torch.device)) else list(device)
-        if not devices:
-            raise ValueError("device must be a device or a non-empty list of devices")
-        device = devices[0]
-        self.long_docs = check_options(
-            max_length=max_length,
-            query_max_length=query_max_length,
-            batch_tokens=batch_tokens,
-            long_docs=long_docs,
-            chunk_tokens=chunk_tokens,
-            chunk_overlap=chunk_overlap,
-            aggregate=aggregate,
-            cache=cache,
-            backend=backend,
-            quantize=quantize,
-            split_tokens=split_tokens,
-        )
-        cache_backend = open_cache(cache)
-        if backend == "onnx":
-            # Imported here: onnxruntime is the optional extra crossrank[onnx]; the import
-            # raises an ImportError naming it when it is missing.
-            from crossrank import onnx_backend
-
-            if device == "auto":
-                device = "cpu"
-            if dtype == "auto":
-                dtype = "float32"
-        if query_max_length is None:
-            query_max_length = max_length * 3 // 4
-        self.model_name = model_name_or_path
-        self.revision = revision
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        if backend == "onnx" and (self.device.type != "cpu" or self.dtype != torch.float32):
-            raise ValueError(
-                "backend='onnx' runs on device='cpu' in float32 (quantize=True for int8), got "
-                f"device={str(self.device)!r}, dtype={self.dtype}"
-            )
-        self.backend = backend
-        self.quantize = bool(quantize)
-        self.normalize = bool(normalize)
-        self.batch_tokens = batch_tokens or _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192)
+        ``overrides`` of it (every option's meaning is documented there). ``device`` may list
+        several devices (``["cuda:0", "cuda:1"]``): one worker per device, and synchronous
+        calls of at least ``split_tokens`` tokens are split across them. Options that need
+        the model (``max_length`` against its positions, ``chunk_overlap`` against the room a
+        query leaves) raise :class:`~crossrank.errors.OptionError` here."""
+        self.options = opts = EngineOptions.build(options, **overrides)
+        self.model_name, self.revision = model_name_or_path, opts.revision
+        self.backend, self.quantize, self.normalize = opts.backend, opts.quantize, opts.normalize
+        self.long_docs = LongDocs.from_options(opts)
+        self.split_tokens = opts.split_tokens
+        cache_backend = open_cache(opts.cache)
+        devices = resolve_devices(opts)
+        self.device, self.dtype = devices[0], compute_dtype(opts, devices[0])
+        self.batch_tokens = opts.batch_tokens or _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192)
         loaded = load(
             model_name_or_path,
             device=self.device,
             dtype=self.dtype,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            trust_remote_code=trust_remote_code,
-            weights=backend == "torch",
+            revision=opts.revision,
+            cache_dir=opts.cache_dir,
+            local_files_only=opts.local_files_only,
+            trust_remote_code=opts.trust_remote_code,
+            weights=opts.backend == "torch",
         )
         #: The torch model; ``None`` with ``backend="onnx"``, which never keeps the weights.
         self.model = loaded.model
         self.num_labels = loaded.num_labels
-        model_max = getattr(loaded.config, "max_position_embeddings", None)
-        if model_max is not None and getattr(loaded.config, "model_type", "") in (
-            "xlm-roberta",
-            "roberta",
-            "camembert",
-        ):
-            model_max -= 2  # RoBERTa-style position ids start after the padding index
-        if model_max is not None and max_length > model_max:
-            raise ValueError(f"max_length={max_length} exceeds the model's limit of {model_max}")
-        self.max_length = max_length
+        self.max_length, self.query_max_length = pair_lengths(loaded.config, opts)
         self.tokenizer = PairTokenizer(
-            loaded.tokenizer, max_length=max_length, query_max_length=query_max_length
+            loaded.tokenizer, max_length=self.max_length, query_max_length=self.query_max_length
         )
-        self.query_max_length = query_max_length
         self.long_docs.check_room(
-            max_length - query_max_length - self.tokenizer.special_tokens_in_pair
+            self.max_length - self.query_max_length - self.tokenizer.special_tokens_in_pair
         )
-        self._cache = (
-            None
-            if cache_backend is None
-            else ScoreCache(
-                cache_backend, self._cache_fingerprint(), with_spans=self.long_docs.chunked
-            )
-        )
-        self.runner: Runner
-        if backend == "onnx":
-            self.runner = onnx_backend.build_runner(
-                loaded, self.tokenizer, quantize=self.quantize, cache_dir=onnx_cache_dir
-            )
-        else:
-            assert loaded.model is not None
-            self.runner = choose_runner(loaded.model, self.device, self.tokenizer.pad_id, fast_path)
-        self.split_tokens = split_tokens
-        self._replicas = [
-            Reranker(
-                model_name_or_path,
-                device=d,
-                dtype=dtype,
-                max_length=max_length,
-                query_max_length=query_max_length,
-                normalize=normalize,
-                batch_tokens=batch_tokens,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                trust_remote_code=trust_remote_code,
-                fast_path=fast_path,
-            )
-            for d in devices[1:]
-        ]
+        self._cache = None
+        if cache_backend is not None:
+            fingerprint = self._cache_fingerprint()
+            self._cache = ScoreCache(cache_backend, fingerprint, with_spans=self.long_docs.chunked)
         self._call_pool = ThreadPoolExecutor(
             max_workers=len(devices) + 1, thread_name_prefix="crossrank-call"
         )
-        self._model_lock = threading.Lock()
+        workers = build_workers(loaded, devices, self.tokenizer, opts)
+        self._devices = DevicePool(workers, opts.split_tokens, self._call_pool)
+        #: The main device's runner (the other devices' runners are in their workers).
+        self.runner: Runner = workers[0].runner
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-forward")
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MicroBatcher] = (
             weakref.WeakKeyDictionary()
         )
-        self.batch_observer: BatchObserver | None = None
+        self._observers = Observers()
 
     def __repr__(self) -> str:
         return (
@@ -329,13 +219,8 @@ class Reranker:
         top_n = check_top_n(top_n)
         docs = check_documents(documents)
         check_query(query)
-        scored = self._scores([query] * len(docs), docs, show_progress)
-        return self.to_results(
-            docs,
-            self._finish(scored.raw, None),
-            spans=scored.spans,
-            top_n=top_n,
-            threshold=threshold,
+        return self._ranked(
+            docs, self._scores([query] * len(docs), docs, show_progress), top_n, threshold
         )
 
     # ---------------------------------------------------------------- public async API
@@ -358,7 +243,7 @@ class Reranker:
         """Raw scores (input order) and the tokens the forward passes computed for them
         (pairs answered by the score cache cost none): what a server reports as usage.
 
-        Raises :class:`~crossrank.batching.QueueFullError` when the queue holds its maximum
+        Raises :class:`~crossrank.errors.QueueFullError` when the queue holds its maximum
         of pending pairs; cancelling the awaiting task drops the pairs not yet sent to the
         model.
         """
@@ -387,41 +272,35 @@ class Reranker:
         docs = check_documents(documents)
         check_query(query)
         scored, _ = await self._ascores([query] * len(docs), docs)
-        return self.to_results(
-            docs,
-            self._finish(scored.raw, None),
-            spans=scored.spans,
-            top_n=top_n,
-            threshold=threshold,
-        )
+        return self._ranked(docs, scored, top_n, threshold)
+
+    # ------------------------------------------------------------- server interface
+    def first_overlong(self, query: str, texts: Sequence[str]) -> int | None:
+        """The index of the first text whose pair with ``query`` would be cut to fit
+        ``max_length`` (``None`` when every pair fits): the check behind a server's "do not
+        truncate" option. In chunk mode long texts are scored window by window, never cut,
+        so only the query is checked. A query over ``query_max_length`` tokens (it would be
+        cut in every pair) raises a ``ValueError`` saying so."""
+        check_query(query)
+        docs = check_documents(texts)
+        tok = self.tokenizer
+        counts = tok.token_counts([query] if self.long_docs.chunked else [query, *docs])
+        if counts[0] > tok.query_max_length:
+            raise ValueError(
+                f"query has {counts[0]} tokens, more than the limit of {tok.query_max_length}"
+            )
+        over = np.flatnonzero(counts[0] + counts[1:] + tok.special_tokens_in_pair > tok.max_length)
+        return int(over[0]) if len(over) else None
+
+    def subscribe(self, observer: BatchObserver) -> Callable[[], None]:
+        """Call ``observer(pairs, tokens)`` after every forward pass of the async path (a
+        server's metrics); returns the function that unsubscribes it (safe to call twice)."""
+        return self._observers.subscribe(observer)
 
     # ------------------------------------------------------------------ building blocks
-    @staticmethod
-    def to_results(
-        documents: Sequence[str],
-        scores: np.ndarray,
-        *,
-        spans: np.ndarray | None = None,
-        top_n: int | None = None,
-        threshold: float | None = None,
-    ) -> list[RerankResult]:
-        """Turn scores (and chunk-mode ``spans``, shape ``(n, 2)``) into
-        :class:`RerankResult` s, best first (ties keep input order)."""
-        order = np.argsort(-scores, kind="stable")
-        if threshold is not None:
-            order = order[scores[order] >= threshold]
-        if top_n is not None:
-            order = order[:top_n]
-        results = [RerankResult(int(i), float(scores[i]), documents[i]) for i in order]
-        if spans is None:
-            return results
-        return [
-            replace(result, best_span=(int(spans[i, 0]), int(spans[i, 1])))
-            for result, i in zip(results, order, strict=True)
-        ]
-
     def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
-        """Tokenize validated pairs (one batched fast-tokenizer call).
+        """Tokenize validated pairs (one batched fast-tokenizer call): a building block for
+        benchmarks and tests that time or count tokens apart from scoring.
 
         In chunk mode a long document gives several rows (its windows), mapped back to their
         pair by ``pair_index``; fold row scores with :func:`crossrank.longdoc.aggregate`.
@@ -436,7 +315,8 @@ class Reranker:
         return self.tokenizer.encode(queries, documents)
 
     def batcher(self, max_pending_pairs: int | None = None) -> MicroBatcher:
-        """The micro-batching queue of the running event loop (created on first use).
+        """The micro-batching queue of the running event loop (created on first use): the
+        building block a server uses to bound its queue and read its depth.
 
         A ``max_pending_pairs`` given here becomes the queue's limit (beyond it
         :meth:`MicroBatcher.submit` raises ``QueueFullError``), also for a queue that exists.
@@ -452,77 +332,43 @@ class Reranker:
                 packed=self.runner.packed,
                 executor=self._executor,
                 max_pending_pairs=max_pending_pairs,
-                observer=self._observe,
+                observer=self._observers,
             )
             self._batchers[loop] = batcher
         return batcher
 
     def forward(self, encoded: EncodedPairs) -> np.ndarray:
-        """Raw float32 scores of every pair in ``encoded``, in one forward pass.
+        """Raw float32 scores of every pair in ``encoded``, in one forward pass on the main
+        device: the building block the micro-batching queue and the benchmarks call.
 
         On CUDA out-of-memory the pass is split in halves and retried; a pair that alone does
         not fit raises a ``RuntimeError`` saying so.
         """
-        return self._submit(encoded)()
+        return self._devices.workers[0].submit(encoded)()
 
     def warmup(self) -> None:
         """Run one tiny forward pass so the first real request pays no start-up cost."""
         self.score("warm up", ["crossrank"])
 
     def close(self) -> None:
-        """Stop the worker threads (of the replicas too)."""
+        """Stop the worker threads."""
         self._executor.shutdown(wait=True)
         self._call_pool.shutdown(wait=True)
-        for replica in self._replicas:
-            replica.close()
 
     # -------------------------------------------------------------------- internals
-    def _observe(self, pairs: int, tokens: int) -> None:
-        if self.batch_observer is not None:
-            self.batch_observer(pairs, tokens)
-
-    def _submit(self, encoded: EncodedPairs) -> Pending:
-        """Queue one forward pass (see :meth:`forward`); the result gives raw scores.
-
-        CUDA allocates while kernels are queued, so out-of-memory surfaces here, before any
-        waiting; the failed pass is split in halves, each queued the same way.
-        """
-        try:
-            with self._model_lock:
-                logits = self.runner.submit(encoded)
-        except torch.cuda.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(encoded) == 1:
-                raise RuntimeError(
-                    f"out of memory scoring a single pair of {int(encoded.lengths[0])} tokens on "
-                    f"{self.device}; lower max_length or use a device with more memory"
-                ) from None
-            half = len(encoded) // 2
-            logger.warning("out of memory on %d pairs; retrying in halves", len(encoded))
-            rows = np.arange(len(encoded))
-            first, second = (
-                self._submit(encoded.take(part)) for part in (rows[:half], rows[half:])
-            )
-            return lambda: np.concatenate([first(), second()])
-        return lambda: self._raw_scores(logits())
-
-    def _raw_scores(self, logits: np.ndarray) -> np.ndarray:
-        raw = logits[:, 1] - logits[:, 0] if self.num_labels == 2 else logits[:, 0]
-        return np.ascontiguousarray(raw, dtype=np.float32)
-
     def _score_texts(
         self, queries: list[str], documents: list[str], show_progress: bool
     ) -> np.ndarray:
-        if self.runner.packed and len(documents) > _OVERLAP_MIN_PAIRS and not show_progress:
-            sizes = chunk_sizes(len(documents), _FIRST_CHUNK, _OVERLAP_PAIRS)
+        opts = self.options
+        if self.runner.packed and len(documents) > opts.overlap_min_pairs and not show_progress:
+            sizes = chunk_sizes(len(documents), opts.overlap_first_chunk, opts.overlap_chunk_pairs)
             return score_overlapped(
                 self.encode, self._submit_encoded, queries, documents, sizes, self._call_pool
             )
         return self._score_encoded(self.encode(queries, documents), show_progress)
 
     def _score_encoded(self, encoded: EncodedPairs, show_progress: bool = False) -> np.ndarray:
-        if show_progress and not self._spreads(encoded):
+        if show_progress and not self._devices.spreads(encoded):
             # the bar counts finished passes: wait for each in turn
             out = np.empty(len(encoded), dtype=np.float32)
             batches = plan_batches(encoded.lengths, self.batch_tokens, packed=self.runner.packed)
@@ -531,31 +377,9 @@ class Reranker:
             return out
         return self._submit_encoded(encoded)()
 
-    def _spreads(self, encoded: EncodedPairs) -> bool:
-        """Whether ``encoded`` is large enough to be spread over several devices."""
-        return bool(self._replicas) and encoded.total_tokens >= self.split_tokens
-
-    def _submit_encoded(self, encoded: EncodedPairs) -> Pending:
-        """Queue every pass of ``encoded`` (token-budgeted batches; spread over the devices
-        when the call is large enough); the result gives scores in ``encoded`` order."""
-        packed = self.runner.packed
-        if self._spreads(encoded):
-            budget = min(self.batch_tokens, -(-encoded.total_tokens // (len(self._replicas) + 1)))
-            budget = max(budget, int(encoded.lengths.max()))
-            batches = plan_batches(encoded.lengths, budget, packed=packed)
-            submits = [self._submit, *(r._submit for r in self._replicas)]
-            scores = run_on_devices(submits, encoded, batches, self._call_pool)
-            return lambda: scores
-        batches = plan_batches(encoded.lengths, self.batch_tokens, packed=packed)
-        queued = [(rows, self._submit(encoded.take(rows))) for rows in batches]
-
-        def result() -> np.ndarray:
-            out = np.empty(len(encoded), dtype=np.float32)
-            for rows, pending in queued:
-                out[rows] = pending()
-            return out
-
-        return result
+    def _submit_encoded(self, encoded: EncodedPairs) -> Callable[[], np.ndarray]:
+        """Queue every pass of ``encoded`` (on one device, or spread over several)."""
+        return self._devices.submit(encoded, self.batch_tokens)
 
     def _scores(
         self,
@@ -627,10 +451,11 @@ class Reranker:
             ]
         )
 
-    @staticmethod
-    def sigmoid(raw: np.ndarray) -> np.ndarray:
-        """Normalized scores from raw ones: the probability described in the class docstring."""
-        return torch.sigmoid(torch.from_numpy(raw)).numpy().astype(np.float32, copy=False)
+    def _ranked(
+        self, docs: list[str], scored: DocScores, top_n: int | None, threshold: float | None
+    ) -> list[RerankResult]:
+        normalized = self._finish(scored.raw, None)
+        return to_results(docs, normalized, spans=scored.spans, top_n=top_n, threshold=threshold)
 
     def _finish(self, raw: np.ndarray, normalize: bool | None) -> np.ndarray:
-        return self.sigmoid(raw) if (self.normalize if normalize is None else normalize) else raw
+        return sigmoid(raw) if (self.normalize if normalize is None else normalize) else raw

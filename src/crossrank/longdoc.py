@@ -14,13 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crossrank.options import AGGREGATES, LONG_DOCS_MODES as MODES
+from crossrank.errors import OptionError
+from crossrank.options import AGGREGATES, EngineOptions
 from crossrank.tokenization import EncodedPairs
-
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -30,7 +26,8 @@ class LongDocs:
     ``mode="truncate"`` keeps its first tokens. ``mode="chunk"`` scores windows of
     ``chunk_tokens`` document tokens (``None``: all the room) overlapping by ``chunk_overlap``
     tokens (``None``: an eighth of the window) and folds them into one score with
-    ``aggregate``.
+    ``aggregate``. The values are checked by :class:`~crossrank.options.EngineOptions`;
+    :meth:`check_room` adds the check that needs the tokenizer.
     """
 
     mode: str = "truncate"
@@ -38,23 +35,12 @@ class LongDocs:
     chunk_overlap: int | None = None
     aggregate: str = "max"
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"long_docs must be one of {MODES}, got {self.mode!r}")
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
-        if self.chunk_tokens is not None and (
-            not _is_int(self.chunk_tokens) or self.chunk_tokens < 1
-        ):
-            raise ValueError(
-                f"chunk_tokens must be a positive int or None, got {self.chunk_tokens!r}"
-            )
-        if self.chunk_overlap is not None and (
-            not _is_int(self.chunk_overlap) or self.chunk_overlap < 0
-        ):
-            raise ValueError(
-                f"chunk_overlap must be an int >= 0 or None, got {self.chunk_overlap!r}"
-            )
+    @classmethod
+    def from_options(cls, options: EngineOptions) -> LongDocs:
+        """The long-document settings of checked engine ``options``."""
+        return cls(
+            options.long_docs, options.chunk_tokens, options.chunk_overlap, options.aggregate
+        )
 
     @property
     def chunked(self) -> bool:
@@ -70,10 +56,11 @@ class LongDocs:
             return
         window = room if self.chunk_tokens is None else min(self.chunk_tokens, room)
         if self.chunk_overlap >= window:
-            raise ValueError(
+            raise OptionError(
+                "chunk_overlap",
                 f"chunk_overlap={self.chunk_overlap} must be smaller than the window "
                 f"({window} document tokens after a query of query_max_length tokens); "
-                "lower chunk_overlap or query_max_length, or raise chunk_tokens/max_length"
+                "lower chunk_overlap or query_max_length, or raise chunk_tokens/max_length",
             )
 
     def fingerprint(self) -> str:

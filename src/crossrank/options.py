@@ -117,7 +117,7 @@ def _cache(name: str, value: Any) -> None:
 
 def _fast_path(name: str, value: Any) -> None:
     """``None``, a ``bool``, or a :class:`crossrank.backends.packed.PackedOptions`."""
-    if value is not None and not isinstance(value, bool) and not hasattr(value, "graphs"):
+    if value is not None and not isinstance(value, bool) and not hasattr(value, "cuda_graphs"):
         raise OptionTypeError(
             name, f"{name} must be None, a bool or PackedOptions, got {type(value).__name__}"
         )
@@ -232,6 +232,27 @@ class EngineOptions:
         16384,
         "With several devices: calls of at least this many tokens are split across them.",
         _positive_int(),
+    )
+    overlap_min_pairs: int = option(
+        32,
+        "With the packed CUDA runner: a call of more than this many pairs is tokenized chunk "
+        "by chunk while the GPU scores the chunks already queued (on one H200 a 1x50 call "
+        "split 12 + 38 took 14.9-15.0 ms p50 against 15.2-15.4 ms in one pass; smaller calls "
+        "gain nothing: benchmarks/gpu_peers.py).",
+        _positive_int(),
+        flag=False,
+    )
+    overlap_first_chunk: int = option(
+        12,
+        "With overlap: pairs in the first chunk (tokenized before the GPU has work, so small).",
+        _positive_int(),
+        flag=False,
+    )
+    overlap_chunk_pairs: int = option(
+        256,
+        "With overlap: the most pairs in one later chunk (chunks grow 4-fold up to it).",
+        _positive_int(),
+        flag=False,
     )
     revision: str | None = option(
         None, "Model revision on the Hub (branch, tag or commit).", _optional_str

@@ -32,7 +32,7 @@ from ray import serve
 
 from crossrank.engine import DEFAULT_MODEL, Reranker, check_options
 from crossrank.options import Aggregate, Backend, LongDocsMode
-from crossrank.result import RerankResult
+from crossrank.result import RerankResult, to_results
 from crossrank.server.settings import ServerSettings
 from crossrank.tabular import Columns, score_table
 from crossrank.validation import check_documents, check_query, check_top_n
@@ -183,7 +183,7 @@ class RerankDeployment:
         if not docs:
             return []
         scores = await self._score_calls((query, docs))
-        return Reranker.to_results(docs, scores, top_n=top_n)
+        return to_results(docs, scores, top_n=top_n)
 
     @serve.batch(max_batch_size=_MAX_ONGOING, batch_wait_timeout_s=0.005)
     async def _score_calls(self, calls: list[tuple[str, list[str]]]) -> list[np.ndarray]:

@@ -8,45 +8,43 @@ they ask :func:`get_reranker`, which loads each distinct configuration once and 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
 from collections.abc import Hashable
 from typing import Any
 
+from crossrank.backends import compute_dtype, resolve_devices
 from crossrank.engine import DEFAULT_MODEL, Reranker
-from crossrank.loading import resolve_device, resolve_dtype
+from crossrank.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
-_SIGNATURE = inspect.signature(Reranker)
 _engines: dict[tuple[Hashable, ...], Reranker] = {}
 _key_locks: dict[tuple[Hashable, ...], threading.Lock] = {}
 _registry_lock = threading.Lock()
 
 
 def _registry_key(model: str = DEFAULT_MODEL, **options: Any) -> tuple[Hashable, ...]:
-    """The identity of an engine configuration: every :class:`Reranker` argument, defaults
-    filled in, ``device``/``dtype`` resolved (so ``"auto"`` and the device it picks are one
-    engine) and an existing local path made absolute (so ``./m`` and ``/abs/m`` are one)."""
-    bound = _SIGNATURE.bind(model, **options)  # TypeError names an unknown option
-    bound.apply_defaults()
-    args = dict(bound.arguments)
-    device = resolve_device(args["device"])
-    args["device"] = str(device)
-    args["dtype"] = str(resolve_dtype(args["dtype"], device))
-    name = args["model_name_or_path"]
-    if isinstance(name, str) and os.path.exists(os.path.expanduser(name)):
-        args["model_name_or_path"] = os.path.realpath(os.path.expanduser(name))
-    return tuple(sorted(args.items()))
+    """The identity of an engine configuration: every engine option, defaults filled in,
+    ``device``/``dtype`` resolved (so ``"auto"`` and the device it picks are one engine) and
+    an existing local path made absolute (so ``./m`` and ``/abs/m`` are one). An unknown or
+    bad option raises :class:`~crossrank.errors.OptionError` naming it."""
+    engine_options = EngineOptions.build(**options)
+    args = engine_options.as_dict()
+    devices = resolve_devices(engine_options)
+    args["device"] = tuple(str(device) for device in devices)
+    args["dtype"] = str(compute_dtype(engine_options, devices[0]))
+    if isinstance(model, str) and os.path.exists(os.path.expanduser(model)):
+        model = os.path.realpath(os.path.expanduser(model))
+    return (model, *sorted(args.items()))
 
 
 def get_reranker(model: str = DEFAULT_MODEL, **options: Any) -> Reranker:
     """The shared :class:`Reranker` for ``model`` and ``options``, loaded on first request.
 
-    ``options`` are :class:`Reranker`'s keyword arguments (``revision``, ``device``,
-    ``dtype``, ``max_length``, ``batch_tokens``, ...). Calls with the same configuration,
+    ``options`` are engine options (:class:`~crossrank.options.EngineOptions`: ``revision``,
+    ``device``, ``dtype``, ``max_length``, ``batch_tokens``, ...). Calls with the same configuration,
     from any thread, get the same instance; a configuration is loaded at most once even when
     many threads ask for it at the same moment, while different configurations load in
     parallel. Engines stay loaded for the life of the process; to control an engine's

@@ -1,8 +1,15 @@
-"""The small result type returned by :meth:`crossrank.Reranker.rerank`."""
+"""The result type of :meth:`crossrank.Reranker.rerank` and the functions that shape scores
+into results: ranking with ``top_n``/``threshold``, and the sigmoid that turns raw scores into
+probabilities. Plain functions, so the engine, the server and Ray Serve shape results the same
+way without reaching into the engine class."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,3 +27,35 @@ class RerankResult:
     score: float
     document: str
     best_span: tuple[int, int] | None = None
+
+
+def to_results(
+    documents: Sequence[str],
+    scores: np.ndarray,
+    *,
+    spans: np.ndarray | None = None,
+    top_n: int | None = None,
+    threshold: float | None = None,
+) -> list[RerankResult]:
+    """Turn scores (and chunk-mode ``spans``, shape ``(n, 2)``) into :class:`RerankResult` s,
+    best first (ties keep input order). ``threshold`` keeps scores ``>=`` it; ``top_n`` is
+    applied after it."""
+    order = np.argsort(-scores, kind="stable")
+    if threshold is not None:
+        order = order[scores[order] >= threshold]
+    if top_n is not None:
+        order = order[:top_n]
+    results = [RerankResult(int(i), float(scores[i]), documents[i]) for i in order]
+    if spans is None:
+        return results
+    return [
+        replace(result, best_span=(int(spans[i, 0]), int(spans[i, 1])))
+        for result, i in zip(results, order, strict=True)
+    ]
+
+
+def sigmoid(raw: np.ndarray) -> np.ndarray:
+    """Normalized float32 scores from raw ones: the probability that
+    :class:`crossrank.Reranker` documents (sigmoid of the one logit, or the positive label's
+    softmax probability for two-label models, whose raw score is the logit difference)."""
+    return torch.sigmoid(torch.from_numpy(raw)).numpy().astype(np.float32, copy=False)

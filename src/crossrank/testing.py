@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -72,3 +73,15 @@ def build_random_reranker(
 def is_random_reranker(model_name_or_path: str | os.PathLike[str]) -> bool:
     """True for a local model directory built by :func:`build_random_reranker`."""
     return (Path(os.path.expanduser(model_name_or_path)) / RANDOM_WEIGHTS_FILE).is_file()
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b between two score vectors (1.0 = same ranking); at most 2,000 items."""
+    x = np.asarray(a, dtype=np.float64)[:2000]
+    y = np.asarray(b, dtype=np.float64)[:2000]
+    if x.shape != y.shape:
+        raise ValueError(f"score vectors differ in shape: {x.shape} vs {y.shape}")
+    i, j = np.triu_indices(x.shape[0], 1)
+    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    denominator = float(np.sqrt(np.count_nonzero(sx) * np.count_nonzero(sy)))
+    return float((sx * sy).sum() / denominator) if denominator else 1.0

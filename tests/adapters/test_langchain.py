@@ -125,11 +125,11 @@ async def test_ainvoke_goes_through_the_async_engine(
     passes: list[tuple[int, int]] = []
     engine = await compressor.aengine()
     # only the micro-batching queue (the async path) reports forward passes
-    engine.batch_observer = lambda pairs, tokens: passes.append((pairs, tokens))
+    unsubscribe = engine.subscribe(lambda pairs, tokens: passes.append((pairs, tokens)))
     try:
         out = await retriever.ainvoke(query)
     finally:
-        engine.batch_observer = None
+        unsubscribe()
     assert sum(p for p, _ in passes) == len(retrieved)
     assert_same_ranking(ids_scores(out), want[:TOP_N])
 

@@ -178,11 +178,11 @@ async def test_async_query_engine_goes_through_the_async_engine(
     passes: list[int] = []
     reranker = await rerank.aengine()
     # only the micro-batching queue (the async path) reports forward passes
-    reranker.batch_observer = lambda pairs, tokens: passes.append(pairs)
+    unsubscribe = reranker.subscribe(lambda pairs, tokens: passes.append(pairs))
     try:
         response = await engine.aquery(query)
     finally:
-        reranker.batch_observer = None
+        unsubscribe()
     assert sum(passes) == RETRIEVE
     assert_same_ranking(ids_scores(response.source_nodes), want[:TOP_N])
     assert [type(e) for e in collector.rerank_events()] == [ReRankStartEvent, ReRankEndEvent]

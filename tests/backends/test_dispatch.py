@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crossrank import Reranker
-from crossrank.dispatch import assign_batches, chunk_sizes, run_on_devices, score_overlapped
+from crossrank.backends.workers import assign_batches, chunk_sizes, run_on_devices, score_overlapped
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 20, 24, 50, 100, 129, 300, 2000, 5001])
@@ -80,16 +80,18 @@ def test_several_devices_score_like_one(tiny_model_dir, tiny_reranker, xquad) ->
     docs = [it["context"] for it in xquad["questions"][:40]]
     query = xquad["questions"][1]["question"]
     split = Reranker(str(tiny_model_dir), device=["cpu", "cpu"], split_tokens=64)
-    assert len(split._replicas) == 1
+    workers = split._devices.workers
+    assert len(workers) == 2
+    assert workers[0].runner.model is not workers[1].runner.model  # one copy per device
     forwards: list[int] = []
-    for replica in (split, split._replicas[0]):
-        original = replica._submit
+    for worker in workers:
+        original = worker.submit
 
-        def counting(encoded, original=original, replica=replica):
-            forwards.append(id(replica))
+        def counting(encoded, original=original, worker=worker):
+            forwards.append(id(worker))
             return original(encoded)
 
-        replica._submit = counting  # type: ignore[method-assign]
+        worker.submit = counting  # type: ignore[method-assign]
     got = split.score(query, docs, normalize=False)
     want = tiny_reranker.score(query, docs, normalize=False)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

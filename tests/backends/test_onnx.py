@@ -21,7 +21,7 @@ from crossrank.testing import build_random_reranker
 
 pytest.importorskip("onnxruntime")
 
-from crossrank import onnx_backend
+from crossrank.backends import onnx as onnx_backend
 
 SMALL = {
     "num_hidden_layers": 4,
@@ -270,7 +270,7 @@ def test_unknown_backend_and_bad_options(tiny_model_dir) -> None:
 
 def test_missing_onnxruntime_names_the_extra(tiny_model_dir, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    monkeypatch.delitem(sys.modules, "crossrank.onnx_backend")
-    monkeypatch.delattr(crossrank, "onnx_backend")
+    monkeypatch.delitem(sys.modules, "crossrank.backends.onnx")
+    monkeypatch.delattr(crossrank.backends, "onnx")
     with pytest.raises(ImportError, match=r"crossrank\[onnx\]"):
         Reranker(str(tiny_model_dir), backend="onnx")

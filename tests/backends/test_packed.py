@@ -20,17 +20,17 @@ from transformers import (
 )
 
 from crossrank import Reranker
-from crossrank.packed import (
+from crossrank.backends import torch_runner as choose_runner
+from crossrank.backends.base import TorchPaddedRunner
+from crossrank.backends.packed import (
     PackedOptions,
     PackedRunner,
     _Graph,
-    choose_runner,
-    kendall_tau,
     pack,
     position_ids,
     unsupported_reason,
 )
-from crossrank.runners import TorchPaddedRunner
+from crossrank.testing import kendall_tau
 from crossrank.tokenization import EncodedPairs
 
 CPU = torch.device("cpu")

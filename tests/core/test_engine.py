@@ -305,12 +305,15 @@ async def test_concurrent_async_calls_share_forward_passes(
 ) -> None:
     rr = tiny_reranker
     passes: list[int] = []
-    monkeypatch.setattr(rr, "batch_observer", lambda pairs, tokens: passes.append(pairs))
+    unsubscribe = rr.subscribe(lambda pairs, tokens: passes.append(pairs))
     jobs = [
         (it["question"], [o["context"][:200] for o in xquad["questions"][i : i + 5]])
         for i, it in enumerate(xquad["questions"][:12])
     ]
-    got = await asyncio.gather(*(rr.ascore(q, d) for q, d in jobs))
+    try:
+        got = await asyncio.gather(*(rr.ascore(q, d) for q, d in jobs))
+    finally:
+        unsubscribe()
     for (q, d), scores in zip(jobs, got, strict=True):
         np.testing.assert_allclose(scores, rr.score(q, d), atol=1e-5)
     assert sum(passes) == sum(len(d) for _, d in jobs)

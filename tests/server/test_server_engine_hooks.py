@@ -11,6 +11,7 @@ import torch
 
 from crossrank import Reranker
 from crossrank.batching import QueueFullError
+from crossrank.result import sigmoid
 
 QUERY = "Which planet is known as the red planet?"
 DOCS = [
@@ -74,7 +75,7 @@ async def test_ascore_raw_returns_raw_scores_and_tokens(tiny_reranker):
     capped = tiny_reranker.tokenizer.cap_documents(DOCS, 9)
     assert tokens == tiny_reranker.encode([QUERY] * len(DOCS), capped).total_tokens
     probs = await tiny_reranker.ascore(QUERY, DOCS, max_doc_tokens=9)
-    np.testing.assert_allclose(probs, tiny_reranker.sigmoid(raw), atol=1e-6)
+    np.testing.assert_allclose(probs, sigmoid(raw), atol=1e-6)
 
 
 async def test_score_cache_is_keyed_by_the_cut_document(tiny_model_dir, tiny_reranker):

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from crossrank import __version__
 from crossrank.batching import QueueFullError
 from crossrank.engine import Reranker
+from crossrank.result import sigmoid, to_results
 from crossrank.server.metrics import ServerMetrics
 from crossrank.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from crossrank.server.schemas import (
@@ -79,6 +80,7 @@ class _ModelState:
         self.on_load_error = on_load_error
         self.reranker: Reranker | None = None
         self.error: BaseException | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     @property
     def model_name(self) -> str:
@@ -106,7 +108,7 @@ class _ModelState:
 
     def _activate(self, reranker: Reranker) -> None:
         batcher = reranker.batcher(self.settings.max_queue)
-        reranker.batch_observer = self.metrics.observe_batch
+        self._unsubscribe = reranker.subscribe(self.metrics.observe_batch)
         self.metrics.track_queue(lambda: batcher.pending_pairs)
         self.metrics.track_cache(lambda: reranker.cache_stats)
         self.metrics.ready.set(1)
@@ -125,8 +127,9 @@ class _ModelState:
         self.metrics.ready.set(0)
         if reranker is None:
             return
-        if reranker.batch_observer == self.metrics.observe_batch:
-            reranker.batch_observer = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if not isinstance(self.source, Reranker):  # we built it, so we stop its worker
             reranker.close()
 
@@ -256,7 +259,7 @@ async def _cohere_rerank(
             raw_score=float(raw[r.index]) if body.return_raw_scores else None,
             document=DocumentText(text=r.document) if body.return_documents else None,
         )
-        for r in Reranker.to_results(texts, Reranker.sigmoid(raw), top_n=body.top_n)
+        for r in to_results(texts, sigmoid(raw), top_n=body.top_n)
     ]
     return RerankResponse(
         id=str(uuid.uuid4()),
@@ -282,10 +285,10 @@ async def _tei_rerank(
     if scored is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     raw, _ = scored
-    scores = raw if body.raw_scores else Reranker.sigmoid(raw)
+    scores = raw if body.raw_scores else sigmoid(raw)
     return [
         TEIRank(index=r.index, score=r.score, text=r.document if body.return_text else None)
-        for r in Reranker.to_results(body.texts, scores)
+        for r in to_results(body.texts, scores)
     ]
 
 
@@ -338,28 +341,17 @@ async def _score(
 
 async def _refuse_overlong(reranker: Reranker, query: str, texts: list[str], field: str) -> None:
     """413 naming the query, or the first text, that would be truncated (TEI
-    ``truncate: false``). In chunk mode long texts are scored window by window, never cut, so
-    only the query is checked."""
-    tokenizer = reranker.tokenizer
+    ``truncate: false``); the engine says which (:meth:`Reranker.first_overlong`)."""
     loop = asyncio.get_running_loop()
-    chunked = reranker.long_docs.chunked
-    counts = await loop.run_in_executor(
-        None, tokenizer.token_counts, [query] if chunked else [query, *texts]
-    )
-    if counts[0] > tokenizer.query_max_length:
+    try:
+        index = await loop.run_in_executor(None, reranker.first_overlong, query, texts)
+    except ValueError as err:  # the query itself would be cut
+        raise HTTPException(413, f"{err}; send truncate: true to truncate it") from None
+    if index is not None:
         raise HTTPException(
             413,
-            f"query has {counts[0]} tokens, more than the limit of "
-            f"{tokenizer.query_max_length}; send truncate: true to truncate it",
-        )
-    pair_lengths = counts[0] + counts[1:] + tokenizer.special_tokens_in_pair
-    over = np.flatnonzero(pair_lengths > tokenizer.max_length)
-    if len(over):
-        i = int(over[0])
-        raise HTTPException(
-            413,
-            f"{field}[{i}] makes a pair of {int(pair_lengths[i])} tokens with the query, "
-            f"more than max_length={tokenizer.max_length}; send truncate: true to truncate it",
+            f"{field}[{index}] makes a pair longer than max_length={reranker.max_length} "
+            "tokens with the query; send truncate: true to truncate it",
         )
 
 

@@ -82,7 +82,7 @@ class ServerMetrics:
         self.registry.register(self._cache)
 
     def observe_batch(self, pairs: int, tokens: int) -> None:
-        """The engine's ``batch_observer``: called after every forward pass."""
+        """Subscribed to the engine (:meth:`Reranker.subscribe`): called after every forward pass."""
         self.batch_pairs.observe(pairs)
         self.batch_tokens.observe(tokens)
         self.pairs_scored.inc(pairs)

@@ -3,7 +3,7 @@
 On CPU, torch fp32 is the slow path; ONNX Runtime with dynamic int8 quantization runs the same
 graph several times faster. The engine still owns tokenization, length sorting and batching;
 this module only turns a checkpoint into a cached ``.onnx`` file and runs padded batches
-through it (a :class:`crossrank.runners.Runner`).
+through it (a :class:`crossrank.backends.base.Runner`).
 
 The export uses the ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``): the
 TorchScript exporter traces the attention-mask branch of recent transformers as a constant
@@ -40,8 +40,9 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
+from crossrank.backends.base import Pending, Runner
+from crossrank.errors import MissingExtraError
 from crossrank.loading import LoadedModel, load_weights
-from crossrank.runners import Pending, Runner
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 
 try:
@@ -50,7 +51,7 @@ try:
     import onnxruntime.quantization
     from onnxruntime.quantization import QuantType, quantize_dynamic
 except ImportError as err:  # pragma: no cover - exercised by simulating the absence
-    raise ImportError(
+    raise MissingExtraError(
         "backend='onnx' needs onnxruntime, onnx and onnxscript; install them with "
         "pip install 'crossrank[onnx]'"
     ) from err
@@ -256,6 +257,29 @@ def quantize_onnx(source: Path, directory: Path) -> Path:
     return path
 
 
+def _first_token_index_nodes(graph: onnx.GraphProto, prefix: str) -> list[onnx.NodeProto]:
+    """Nodes computing ``{prefix}_rows`` = ``[[0, 0], [1, 0], ..., [B-1, 0]]`` (the first-token
+    row of every sequence in the batch) and the constants they and the rewrites use
+    (``{prefix}_zero``, ``{prefix}_one``, ``{prefix}_axis1``, added as initializers)."""
+    zero, idx = f"{prefix}_zero", f"{prefix}_rows"
+    graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array(0, dtype=np.int64), zero),
+            onnx.numpy_helper.from_array(np.array(1, dtype=np.int64), f"{prefix}_one"),
+            onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}_axis1"),
+        ]
+    )
+    make = onnx.helper.make_node
+    return [
+        make("Shape", [graph.input[0].name], [f"{prefix}_b1"], start=0, end=1),
+        make("Squeeze", [f"{prefix}_b1"], [f"{prefix}_b"]),
+        make("Range", [zero, f"{prefix}_b", f"{prefix}_one"], [f"{prefix}_range"]),
+        make("Unsqueeze", [f"{prefix}_range", f"{prefix}_axis1"], [f"{prefix}_batch"]),
+        make("Mul", [f"{prefix}_batch", zero], [f"{prefix}_zeros"]),
+        make("Concat", [f"{prefix}_batch", f"{prefix}_zeros"], [idx], axis=1),
+    ]
+
+
 def _first_token_rows_in_fp32(graph: onnx.GraphProto) -> int:
     """Overwrite row 0 of every int8 MatMul's output with an fp32 product; returns the count.
 
@@ -278,23 +302,8 @@ def _first_token_rows_in_fp32(graph: onnx.GraphProto) -> int:
 
     prefix = "crossrank_first_token"
     zero, idx = f"{prefix}_zero", f"{prefix}_rows"
-    graph.initializer.extend(
-        [
-            onnx.numpy_helper.from_array(np.array(0, dtype=np.int64), zero),
-            onnx.numpy_helper.from_array(np.array(1, dtype=np.int64), f"{prefix}_one"),
-            onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}_axis1"),
-        ]
-    )
+    nodes = _first_token_index_nodes(graph, prefix)
     make = onnx.helper.make_node
-    # [[0, 0], [1, 0], ..., [B-1, 0]]: the first-token row of every sequence in the batch.
-    nodes = [
-        make("Shape", [graph.input[0].name], [f"{prefix}_b1"], start=0, end=1),
-        make("Squeeze", [f"{prefix}_b1"], [f"{prefix}_b"]),
-        make("Range", [zero, f"{prefix}_b", f"{prefix}_one"], [f"{prefix}_range"]),
-        make("Unsqueeze", [f"{prefix}_range", f"{prefix}_axis1"], [f"{prefix}_batch"]),
-        make("Mul", [f"{prefix}_batch", zero], [f"{prefix}_zeros"]),
-        make("Concat", [f"{prefix}_batch", f"{prefix}_zeros"], [idx], axis=1),
-    ]
     after: dict[str, list[onnx.NodeProto]] = {}
     count = 0
     for node in graph.node:

@@ -10,9 +10,10 @@ since nothing else is read.
 
 It reuses the loaded Hugging Face model's weights; the only copy is a fused query/key/value
 matrix per layer (plus bias vectors adjusted so residual adds happen inside the matmuls).
-Supported: XLM-RoBERTa / RoBERTa / CamemBERT (bge-reranker-v2-m3, the BGE rerankers) and BERT
-(ms-marco MiniLM cross-encoders) sequence classifiers with absolute positions and GELU. ``TorchPaddedRunner`` stays the reference and the
-CPU path; the CPU code here (per-sequence SDPA) exists so the packing logic is tested in CI.
+Supported: the families of :mod:`crossrank.backends.families` marked ``packed`` (XLM-RoBERTa /
+RoBERTa / CamemBERT: bge-reranker-v2-m3, the BGE rerankers; BERT: ms-marco MiniLM
+cross-encoders) with absolute positions and GELU. ``TorchPaddedRunner`` stays the reference and
+the CPU path; the CPU code here (per-sequence SDPA) exists so the packing logic is tested in CI.
 
 On CUDA, small passes (up to ``graph_max_tokens``) are replayed from a CUDA graph captured per
 (token bucket, sequence slots, max-length bucket), which removes the per-kernel launch cost;
@@ -35,13 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from crossrank.runners import Pending, Runner, TorchPaddedRunner, device_result, on_device
+from crossrank.backends.base import Pending, Runner, device_result, on_device
+from crossrank.backends.families import family_of
 from crossrank.tokenization import EncodedPairs
 
 logger = logging.getLogger(__name__)
 
-_ROBERTA_TYPES = frozenset({"xlm-roberta", "roberta", "camembert"})
-_BERT_TYPES = frozenset({"bert"})
 # config.hidden_act -> F.gelu(approximate=...)
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 _GRAPH_TOKEN_STEP = 512  # token buckets of captured graphs are multiples of this
@@ -73,8 +73,9 @@ class PackedOptions:
 def unsupported_reason(model: PreTrainedModel) -> str | None:
     """Why the packed runner cannot run ``model`` (``None`` when it can)."""
     config = model.config
-    model_type = getattr(config, "model_type", "")
-    if model_type not in _ROBERTA_TYPES | _BERT_TYPES:
+    family = family_of(config)
+    if family is None or not family.packed:
+        model_type = getattr(config, "model_type", "")
         return f"model type {model_type!r} is not a BERT/RoBERTa-family encoder"
     if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
         return f"position_embedding_type={config.position_embedding_type!r} is not 'absolute'"
@@ -97,9 +98,9 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
 
 def _head_modules(model: PreTrainedModel) -> tuple[torch.nn.Linear, torch.nn.Linear] | None:
     """(dense + tanh, output projection) applied to the CLS row."""
-    model_type = model.config.model_type
+    family = family_of(model.config)
     classifier = getattr(model, "classifier", None)
-    if model_type in _ROBERTA_TYPES:
+    if family is not None and family.head == "classifier":
         dense, out = getattr(classifier, "dense", None), getattr(classifier, "out_proj", None)
     else:
         pooler = getattr(getattr(model, model.base_model_prefix), "pooler", None)
@@ -158,18 +159,6 @@ def pack(encoded: EncodedPairs, padding_idx: int | None) -> PackedBatch:
         cu_seqlens=cu_seqlens,
         max_len=int(encoded.lengths.max()),
     )
-
-
-def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-b between two score vectors (1.0 = same ranking); at most 2,000 items."""
-    x = np.asarray(a, dtype=np.float64)[:2000]
-    y = np.asarray(b, dtype=np.float64)[:2000]
-    if x.shape != y.shape:
-        raise ValueError(f"score vectors differ in shape: {x.shape} vs {y.shape}")
-    i, j = np.triu_indices(x.shape[0], 1)
-    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-    denominator = float(np.sqrt(np.count_nonzero(sx) * np.count_nonzero(sy)))
-    return float((sx * sy).sum() / denominator) if denominator else 1.0
 
 
 # ---------------------------------------------------------------------------- device side
@@ -370,8 +359,10 @@ class PackedRunner(Runner):
         self.head_dim = self.hidden // self.heads
         self.scale = self.head_dim**-0.5
         self.dtype = next(model.parameters()).dtype
+        family = family_of(config)
+        assert family is not None  # checked by unsupported_reason
         self.padding_idx: int | None = (
-            int(config.pad_token_id) if config.model_type in _ROBERTA_TYPES else None
+            int(config.pad_token_id) if family.positions_from_padding else None
         )
         self.gelu = _GELU[config.hidden_act]
         if self.options.gelu_epilogue and device.type == "cuda":
@@ -586,32 +577,3 @@ class PackedRunner(Runner):
             types = batch.type_ids if batch.type_ids is not None else np.zeros(t, np.int64)
             parts += [types, np.zeros(bucket - t, np.int64)]
         graph.inputs.copy_(self._stage(parts), non_blocking=True)
-
-
-def choose_runner(
-    model: PreTrainedModel,
-    device: torch.device,
-    pad_id: int,
-    fast_path: bool | PackedOptions | None,
-) -> Runner:
-    """The runner for ``model`` on ``device``.
-
-    ``None`` (auto): the packed runner on CUDA in fp16/bf16 for supported architectures, the
-    padded reference runner otherwise. ``False``: always the padded runner. ``True`` or
-    :class:`PackedOptions`: the packed runner, or a ``ValueError`` saying why it cannot run.
-    """
-    if fast_path is False:
-        return TorchPaddedRunner(model, device, pad_id)
-    reason = unsupported_reason(model)
-    dtype = next(model.parameters()).dtype
-    if reason is None and device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
-        reason = f"flash attention needs float16 or bfloat16 weights, not {dtype}"
-    if fast_path is None:
-        if device.type != "cuda" or reason is not None:
-            if device.type == "cuda":
-                logger.info("packed fast path off: %s", reason)
-            return TorchPaddedRunner(model, device, pad_id)
-        return PackedRunner(model, device)
-    if reason is not None:
-        raise ValueError(f"fast_path was requested but cannot be used: {reason}")
-    return PackedRunner(model, device, fast_path if isinstance(fast_path, PackedOptions) else None)
