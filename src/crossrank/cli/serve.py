@@ -1,25 +1,31 @@
-"""``crossrank serve``: the rerank server's command (registered on the main typer app)."""
+"""``crossrank serve``: the rerank server, in one process or on Ray Serve (``--ray``).
+
+The engine flags come from :mod:`crossrank.cli.common`; the server's own limits are declared
+here. The server (FastAPI, uvicorn) and Ray are imported only when the command runs.
+"""
 
 from __future__ import annotations
 
 import logging
-import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from crossrank.engine import DEFAULT_MODEL, Reranker, check_options
-from crossrank.options import Aggregate, Backend, LongDocsMode
+from crossrank.cli.common import Model, engine_command
+from crossrank.errors import MissingExtraError, require_extra
+from crossrank.options import DEFAULT_MODEL, EngineOptions, option_fields
+
+if TYPE_CHECKING:
+    from crossrank.engine import Reranker
+    from crossrank.server.settings import ServerSettings
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-#: Engine parameters whose command-line option is not ``--`` plus the dashed name.
-_FLAGS = {"batch_tokens": "--max-batch-tokens"}
+API_KEY_ENV = "CROSSRANK_API_KEY"
 
 
+@engine_command(skip={"normalize"})  # a request chooses probabilities or raw scores itself
 def serve(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Hugging Face model id or local directory.")
-    ] = DEFAULT_MODEL,
+    model: Model = DEFAULT_MODEL,
     host: Annotated[
         str, typer.Option(help="Interface to bind; loopback only unless told otherwise.")
     ] = "127.0.0.1",
@@ -27,7 +33,7 @@ def serve(
     api_key: Annotated[
         str | None,
         typer.Option(
-            envvar="CROSSRANK_API_KEY",
+            envvar=API_KEY_ENV,
             help="Require 'Authorization: Bearer KEY' on the rerank and model routes. Prefer "
             "the environment variable: a command-line value is visible to other local users.",
             show_default=False,
@@ -36,65 +42,12 @@ def serve(
     max_docs: Annotated[
         int, typer.Option(min=1, help="Most documents per request (more is a 413).")
     ] = 1000,
-    max_batch_tokens: Annotated[
-        int | None,
-        typer.Option(min=8, help="Tokens per forward pass, padding included (default: by device)."),
-    ] = None,
     max_queue: Annotated[
         int, typer.Option(min=1, help="Most pairs waiting to be scored (more is a 429).")
     ] = 10_000,
     request_timeout: Annotated[
         float, typer.Option(min=0.001, help="Seconds a rerank request may take (then a 504).")
     ] = 120.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
-    max_length: Annotated[
-        int, typer.Option(min=8, help="Most tokens per (query, document) pair.")
-    ] = 512,
-    query_max_length: Annotated[
-        int | None,
-        typer.Option(
-            help="Most query tokens; longer queries are cut (default: 3/4 of max length)."
-        ),
-    ] = None,
-    long_docs: Annotated[
-        LongDocsMode,
-        typer.Option(
-            help="A document longer than max length: keep its first tokens (truncate), or "
-            "score every window of it and keep one score (chunk)."
-        ),
-    ] = "truncate",
-    chunk_tokens: Annotated[
-        int | None,
-        typer.Option(help="With chunk: document tokens per window (default: all the room)."),
-    ] = None,
-    chunk_overlap: Annotated[
-        int | None,
-        typer.Option(help="With chunk: tokens shared by neighbouring windows (default: 1/8)."),
-    ] = None,
-    aggregate: Annotated[
-        Aggregate,
-        typer.Option(help="With chunk: a document's score from its windows' scores."),
-    ] = "max",
-    cache: Annotated[
-        str | None,
-        typer.Option(
-            envvar="CROSSRANK_CACHE",
-            metavar="memory|redis://...",
-            help="Score cache: 'memory' (an LRU in each process) or a redis://, rediss:// or "
-            "unix:// URL shared by several servers (entries expire after a day). Prefer the "
-            "environment variable for a URL with a password.",
-            show_default=False,
-        ),
-    ] = None,
-    backend: Annotated[
-        Backend,
-        typer.Option(help="torch, or onnx (ONNX Runtime, CPU, float32 or int8)."),
-    ] = "torch",
-    quantize: Annotated[
-        bool,
-        typer.Option("--quantize/--no-quantize", help="With --backend onnx: dynamic int8 weights."),
-    ] = False,
     use_ray: Annotated[
         bool,
         typer.Option(
@@ -110,22 +63,46 @@ def serve(
         str | None,
         typer.Option(metavar="MIN:MAX", help="With --ray: scale between MIN and MAX replicas."),
     ] = None,
+    *,
+    engine: EngineOptions,
 ) -> None:
     """Serve a reranker over HTTP: Cohere/Jina (/v1/rerank, /v2/rerank) and TEI (/rerank)
     APIs, Prometheus /metrics, a web UI at /."""
     try:
-        from crossrank.server.runner import run_server
-    except ImportError as err:
-        typer.echo(
-            f"crossrank serve needs the server extra ({err}): pip install 'crossrank[server]'",
-            err=True,
-        )
+        require_extra("fastapi", "server", feature="crossrank serve")
+        require_extra("uvicorn", "server", feature="crossrank serve")
+        if use_ray:
+            require_extra("ray.serve", "ray", feature="crossrank serve --ray")
+    except MissingExtraError as err:
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    settings = _settings(api_key, max_docs, max_queue, request_timeout)
+    _warn_if_open(host, api_key)
+    if use_ray:
+        _serve_on_ray(model, host, port, replicas, autoscale, settings, engine)
+        return
+    if replicas is not None or autoscale is not None:
+        raise typer.BadParameter("--replicas and --autoscale need --ray")
+    from crossrank.server import runner
+
+    def load() -> Reranker:
+        from crossrank.engine import Reranker
+
+        return Reranker(model, engine)
+
+    code = runner.run_server(load, settings, host=host, port=port)
+    if code:
+        raise typer.Exit(code)
+
+
+def _settings(
+    api_key: str | None, max_docs: int, max_queue: int, request_timeout: float
+) -> ServerSettings:
     from crossrank.server.settings import ServerSettings
 
     logging.getLogger("crossrank").setLevel(logging.INFO)  # show loading and readiness
     try:
-        settings = ServerSettings(
+        return ServerSettings(
             api_key=api_key,
             max_docs=max_docs,
             max_queue=max_queue,
@@ -133,76 +110,42 @@ def serve(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    engine: dict[str, Any] = {
-        "max_length": max_length,
-        "query_max_length": query_max_length,
-        "batch_tokens": max_batch_tokens,
-        "long_docs": long_docs,
-        "chunk_tokens": chunk_tokens,
-        "chunk_overlap": chunk_overlap,
-        "aggregate": aggregate,
-        "cache": cache,
-        "backend": backend,
-        "quantize": quantize,
-    }
-    _check_engine_options(engine)
+
+
+def _warn_if_open(host: str, api_key: str | None) -> None:
     if host not in _LOOPBACK and api_key is None:
         logging.getLogger(__name__).warning(
             "binding %s without an API key: anyone who can reach this port can use the server",
             host,
         )
 
-    if use_ray:
-        # RerankAppArgs spells the engine's batch_tokens as the flag does: max_batch_tokens
-        ray_engine = {
-            ("max_batch_tokens" if k == "batch_tokens" else k): v for k, v in engine.items()
-        }
-        _serve_on_ray(
-            host=host,
-            port=port,
-            model=model,
-            replicas=replicas,
-            autoscale=autoscale,
-            device=device,
-            dtype=dtype,
-            max_docs=max_docs,
-            max_queue=max_queue,
-            request_timeout=request_timeout,
-            api_key=api_key,
-            **ray_engine,
-        )
-        return
-    if replicas is not None or autoscale is not None:
-        raise typer.BadParameter("--replicas and --autoscale need --ray")
 
-    def load() -> Reranker:
-        return Reranker(model, device=device, dtype=dtype, **engine)
-
-    code = run_server(load, settings, host=host, port=port)
-    if code:
-        raise typer.Exit(code)
-
-
-def _check_engine_options(options: dict[str, Any]) -> None:
-    """The engine's own checks of the options it can judge without a model, as a usage
-    error naming the command-line option (the engine's message starts with its parameter)."""
-    try:
-        check_options(**options)
-    except ValueError as err:
-        match = re.match(r"\w+", str(err))
-        param = match.group() if match else ""
-        hint = [_FLAGS.get(param, f"--{param.replace('_', '-')}")] if param in options else None
-        raise typer.BadParameter(str(err), param_hint=hint) from None
-
-
-def _serve_on_ray(*, host: str, port: int, **options: Any) -> None:
+def _serve_on_ray(
+    model: str,
+    host: str,
+    port: int,
+    replicas: int | None,
+    autoscale: str | None,
+    settings: ServerSettings,
+    engine: EngineOptions,
+) -> None:
     """``serve --ray``: the same options, one engine per Ray Serve replica."""
     from pydantic import ValidationError
 
     from crossrank.ray import RerankAppArgs, run_app
 
+    values = {
+        "model": model,
+        "replicas": replicas,
+        "autoscale": autoscale,
+        "api_key": settings.api_key,
+        "max_docs": settings.max_docs,
+        "max_queue": settings.max_queue,
+        "request_timeout": settings.request_timeout,
+        **{field.key: getattr(engine, field.name) for field in option_fields()},
+    }
     try:
-        args = RerankAppArgs(**options)
+        args = RerankAppArgs.model_validate(values)
     except ValidationError as err:
         problems = "; ".join(
             ": ".join([*(".".join(map(str, e["loc"])) for _ in e["loc"][:1]), e["msg"]])
