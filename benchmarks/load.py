@@ -50,7 +50,7 @@ PRESETS = {
     },
     "full": {},
 }
-SERVE = "import typer; from crossrank.server.cli import serve; typer.run(serve)"
+SERVE = "import typer; from crossrank.cli.serve import serve; typer.run(serve)"
 
 
 def workload(n_requests: int, docs_per_request: int, seed: int) -> list[tuple[str, list[str]]]:

@@ -20,12 +20,14 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from crossrank.errors import require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +59,8 @@ class MemoryCache:
     """In-process LRU cache holding at most ``maxsize`` entries (a few hundred bytes each)."""
 
     def __init__(self, maxsize: int = 100_000) -> None:
-        try:
-            from cachetools import LRUCache
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "cache='memory' needs cachetools: pip install 'crossrank[cache]'"
-            ) from err
-        self._lru: LRUCache[str, bytes] = LRUCache(maxsize=maxsize)
+        cachetools = require_extra("cachetools", "cache", feature="cache='memory'")
+        self._lru: MutableMapping[str, bytes] = cachetools.LRUCache(maxsize=maxsize)
         self._lock = threading.Lock()  # cachetools caches are not thread-safe
 
     def __len__(self) -> int:
@@ -86,14 +83,10 @@ class RedisCache:
     """
 
     def __init__(self, url: str, *, ttl: int | None = 86_400, timeout: float = 1.0) -> None:
-        try:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "a redis:// cache needs the redis client: pip install 'crossrank[cache]'"
-            ) from err
+        redis = require_extra("redis", "cache", feature="a redis:// cache")
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
             raise ValueError(f"ttl must be a positive int (seconds) or None, got {ttl!r}")
         self.ttl = ttl

@@ -28,7 +28,7 @@ from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batc
 from crossrank.cache import CacheStats, ScoreCache, open_cache
 from crossrank.loading import load
 from crossrank.longdoc import DocScores, LongDocs, aggregate
-from crossrank.options import EngineOptions
+from crossrank.options import DEFAULT_MODEL, EngineOptions
 from crossrank.result import RerankResult, sigmoid, to_results
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 from crossrank.validation import (
@@ -41,7 +41,6 @@ from crossrank.validation import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
 # Tokens per forward pass (padding included). CPU passes gain nothing from being large;
 # on CUDA a larger pass keeps the GPU busy and stays far from memory limits for a
@@ -57,13 +56,6 @@ class _Job:
     encoded: EncodedPairs  # rows of the misses (one per pair, or per window)
     keys: list[str] | None = None  # cache keys of all pairs, when a cache is set
     cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
-
-
-def check_options(**options: Any) -> LongDocs:
-    """Check engine options without a model (see :class:`~crossrank.options.EngineOptions`);
-    returns the long-document settings. Kept for the front doors until they build an
-    ``EngineOptions`` themselves."""
-    return LongDocs.from_options(EngineOptions.build(**options))
 
 
 class Reranker:

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from langchain_core.callbacks import Callbacks
-from langchain_core.cross_encoders import BaseCrossEncoder
-from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field
+from crossrank.errors import require_extra
 
-from crossrank._adapter import EngineConfig, RankingConfig, check_items, span_metadata
-from crossrank.result import RerankResult
-from crossrank.validation import check_pairs
+require_extra("langchain_core", "langchain", feature="crossrank.langchain")
+
+from langchain_core.callbacks import Callbacks  # noqa: E402
+from langchain_core.cross_encoders import BaseCrossEncoder  # noqa: E402
+from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
+from pydantic import ConfigDict, Field  # noqa: E402
+
+from crossrank._adapter import (  # noqa: E402
+    EngineConfig,
+    RankingConfig,
+    check_items,
+    span_metadata,
+)
+from crossrank.result import RerankResult  # noqa: E402
+from crossrank.validation import check_pairs  # noqa: E402
 
 __all__ = ["CrossRankCompressor", "CrossRankCrossEncoder"]
 

@@ -8,16 +8,20 @@ pipeline. It is thin: node texts go to the engine, engine results come back as n
 
 from __future__ import annotations
 
-from llama_index.core.bridge.pydantic import ConfigDict, Field
-from llama_index.core.callbacks import CBEventType, EventPayload
-from llama_index.core.callbacks.base import EventContext
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
-from llama_index.core.postprocessor.types import BaseNodePostprocessor
-from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
+from crossrank.errors import require_extra
 
-from crossrank._adapter import SPAN_KEY, RankingConfig, check_items, span_metadata
-from crossrank.result import RerankResult
+require_extra("llama_index.core", "llama-index", feature="crossrank.llama_index")
+
+from llama_index.core.bridge.pydantic import ConfigDict, Field  # noqa: E402
+from llama_index.core.callbacks import CBEventType, EventPayload  # noqa: E402
+from llama_index.core.callbacks.base import EventContext  # noqa: E402
+from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent  # noqa: E402
+from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: E402
+from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle  # noqa: E402
+
+from crossrank._adapter import SPAN_KEY, RankingConfig, check_items, span_metadata  # noqa: E402
+from crossrank.result import RerankResult  # noqa: E402
 
 __all__ = ["CrossRankRerank"]
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from crossrank.errors import ModelLoadError
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -21,6 +20,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from crossrank.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         ) from None
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return (
         name.startswith(("/", "./", "../", "~", "\\"))
         or name.count("/") > 1
@@ -96,7 +97,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _explain(name: str, err: Exception) -> str:
-    if _looks_like_path(name) or os.path.exists(name):
+    if looks_like_path(name) or os.path.exists(name):
         return f"could not load a model from the local path {name!r}: {err}"
     return (
         f"could not load {name!r} from the Hugging Face Hub ({err.__class__.__name__}: {err}). "
@@ -122,7 +123,7 @@ def load(
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError("model must be a non-empty hub id or local directory path")
     expanded = os.path.expanduser(name_or_path)
-    if _looks_like_path(name_or_path) and not os.path.exists(expanded):
+    if looks_like_path(name_or_path) and not os.path.exists(expanded):
         raise ModelLoadError(f"model path {name_or_path!r} does not exist")
     if os.path.exists(expanded):
         name_or_path = expanded

@@ -23,9 +23,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_type_hints
 
 from crossrank.errors import OptionError, OptionTypeError
+
+#: The reranker used when no model is named (front doors show it as their default).
+DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
 #: Where the forward pass runs: PyTorch, or ONNX Runtime on CPU (``quantize`` for int8).
 Backend = Literal["torch", "onnx"]
@@ -55,8 +58,9 @@ def _positive_int(minimum: int = 1, *, optional: bool = False) -> Callable[[str,
             return
         if not is_positive_int(value) or value < minimum:
             need = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-            raise OptionError(name, f"{name} must be {need}{' or None' if optional else ''}, "
-                              f"got {value!r}")
+            raise OptionError(
+                name, f"{name} must be {need}{' or None' if optional else ''}, got {value!r}"
+            )
 
     return check
 
@@ -99,7 +103,9 @@ def _device(name: str, value: Any) -> None:
 def _dtype(name: str, value: Any) -> None:
     if isinstance(value, str):
         if value.lower() not in DTYPES:
-            raise OptionError(name, f"{name} must be one of {DTYPES} or a torch.dtype, got {value!r}")
+            raise OptionError(
+                name, f"{name} must be one of {DTYPES} or a torch.dtype, got {value!r}"
+            )
     elif type(value).__name__ != "dtype":
         raise OptionTypeError(name, f"{name} must be a str or torch.dtype, got {value!r}")
 
@@ -125,20 +131,24 @@ def _fast_path(name: str, value: Any) -> None:
 
 def option(
     default: Any,
-    help: str,  # noqa: A002 - the name typer and argparse use
+    help: str,
     check: Callable[[str, Any], None] | None = None,
     *,
     flag: bool = True,
     secret: bool = False,
+    envvar: str | None = None,
 ) -> Any:
     """Declare one option: its default, help text and check.
 
     ``flag=False`` keeps an option off command lines and config schemas (it takes a Python
     object, e.g. a ``Cache`` instance or ``PackedOptions``, or only makes sense in code);
-    ``secret=True`` marks a value that may hold a password (never echoed in errors or logs).
+    ``secret=True`` marks a value that may hold a password (never echoed in errors or logs);
+    ``envvar`` names the environment variable a front door reads when the flag is not given.
     """
-    return field(default=default, metadata={"help": help, "check": check, "flag": flag,
-                                            "secret": secret})
+    return field(
+        default=default,
+        metadata={"help": help, "check": check, "flag": flag, "secret": secret, "envvar": envvar},
+    )
 
 
 # ----------------------------------------------------------------------------- the options
@@ -163,9 +173,7 @@ class EngineOptions:
         "'float16', 'bfloat16', or a torch.dtype.",
         _dtype,
     )
-    max_length: int = option(
-        512, "Most tokens per (query, document) pair.", _positive_int(8)
-    )
+    max_length: int = option(512, "Most tokens per (query, document) pair.", _positive_int(8))
     query_max_length: int | None = option(
         None,
         "Most query tokens; a longer query is cut (default: 3/4 of max_length, as FlagEmbedding).",
@@ -208,6 +216,7 @@ class EngineOptions:
         "shared by several processes (entries expire after a day), or a Cache object.",
         _cache,
         secret=True,
+        envvar="CROSSRANK_CACHE",
     )
     backend: str = option(
         "torch", "torch, or onnx (ONNX Runtime on CPU, float32 or int8).", _one_of(BACKENDS)
@@ -324,13 +333,22 @@ class OptionField:
     help: str
     choices: tuple[str, ...] | None
     secret: bool
+    envvar: str | None
+    #: The type a front door parses the value as (``int | None``, ``bool``, a ``Literal`` of
+    #: the choices; ``str`` or ``str | None`` for options that also take Python objects).
+    annotation: Any
+
+    @property
+    def key(self) -> str:
+        """The name in a config file or schema: the option's own name, or its documented
+        alias (``max_batch_tokens`` for the token budget)."""
+        return next((a for a, target in ALIASES.items() if target == self.name), self.name)
 
     @property
     def flag(self) -> str:
         """The command-line spelling: ``--chunk-overlap``; ``--max-batch-tokens`` for the
         token budget (the name our documentation has always used)."""
-        alias = next((a for a, target in ALIASES.items() if target == self.name), self.name)
-        return "--" + alias.replace("_", "-")
+        return "--" + self.key.replace("_", "-")
 
 
 _CHOICES: Mapping[str, tuple[str, ...]] = {
@@ -343,13 +361,22 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
 def option_fields(*, flags_only: bool = True) -> Iterator[OptionField]:
     """The declared options in order, for generating front doors (``flags_only`` skips the
     ones that take Python objects)."""
+    hints = get_type_hints(EngineOptions)
     for spec in dataclasses.fields(EngineOptions):
         if flags_only and not spec.metadata["flag"]:
             continue
+        choices = _CHOICES.get(spec.name)
+        annotation = hints[spec.name]
+        if choices is not None:
+            annotation = Literal[choices]
+        elif annotation is Any:  # a device, dtype or cache: its name on a command line
+            annotation = str if isinstance(spec.default, str) else str | None
         yield OptionField(
             spec.name,
             spec.default,
             spec.metadata["help"],
-            _CHOICES.get(spec.name),
+            choices,
             spec.metadata["secret"],
+            spec.metadata["envvar"],
+            annotation,
         )

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,4 +57,6 @@ def sigmoid(raw: np.ndarray) -> np.ndarray:
     """Normalized float32 scores from raw ones: the probability that
     :class:`crossrank.Reranker` documents (sigmoid of the one logit, or the positive label's
     softmax probability for two-label models, whose raw score is the logit difference)."""
+    import torch  # here, so that `import crossrank` stays free of torch
+
     return torch.sigmoid(torch.from_numpy(raw)).numpy().astype(np.float32, copy=False)

@@ -1,10 +1,12 @@
-"""``crossrank score-file IN OUT``: score every (query, document) row of a Parquet or JSONL file.
+"""Score every (query, document) row of a Parquet or JSONL file into another file (the
+library behind ``crossrank score-file``).
 
-Without ``--ray`` one local engine streams the file batch by batch (memory stays flat for any
-file size); with ``--ray`` the rows are scored by :func:`crossrank.ray.score_dataset` on the
-Ray cluster (``RAY_ADDRESS``, else a local one) and streamed back here in input order. Either
-way OUT is the input with a score column added, written to a temporary file that replaces
-OUT only once every row is scored, so a failed run never leaves a truncated OUT behind.
+:func:`score_local_file` streams the file batch by batch through one local engine (memory
+stays flat for any file size); :func:`score_file_on_ray` has the rows scored by
+:func:`crossrank.ray.score_dataset` on the Ray cluster (``RAY_ADDRESS``, else a local one) and
+streams them back here in input order. Either way OUT is the input with a score column added,
+written to a temporary file that replaces OUT only once every row is scored, so a failed run
+never leaves a truncated OUT behind.
 """
 
 from __future__ import annotations
@@ -15,22 +17,19 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import typer
-from rich.console import Console
 from tqdm.auto import tqdm
 
-from crossrank.engine import DEFAULT_MODEL, Reranker
-from crossrank.loading import ModelLoadError
 from crossrank.tabular import Columns, RowName, score_rows, score_table
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from crossrank.engine import Reranker
+
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-_err = Console(stderr=True)
 
 
 def check_paths(source: str, dest: str | os.PathLike[str]) -> str:
@@ -120,18 +119,19 @@ def score_file_on_ray(
 
     Sets ``preserve_order`` on this process's Ray ``DataContext``.
     """
-    import ray.data
+    from crossrank.errors import require_extra
 
+    ray_data = require_extra("ray.data", "ray", feature="scoring a file on Ray")
     from crossrank.ray import score_dataset
 
     fmt = check_paths(source, dest)
-    context = ray.data.DataContext.get_current()
+    context = ray_data.DataContext.get_current()
     context.execution_options.preserve_order = True  # OUT keeps the input's row order
     context.enable_progress_bars = False  # one bar, ours, counting rows written
     if fmt == "parquet":
-        ds = ray.data.read_parquet(source)
+        ds = ray_data.read_parquet(source)
     else:
-        ds = ray.data.read_json(source, lines=True)
+        ds = ray_data.read_json(source, lines=True)
     scored = score_dataset(
         ds,
         query_col=query_col,
@@ -153,21 +153,6 @@ def score_file_on_ray(
             table = cast("pa.Table", batch)
             out.write_table(table)
             bar.update(table.num_rows)
-
-
-def _parse_concurrency(value: str) -> int | tuple[int, int]:
-    try:
-        if ":" in value:
-            low, high = (int(part) for part in value.split(":", 1))
-            if 1 <= low <= high:
-                return (low, high)
-        elif int(value) >= 1:
-            return int(value)
-    except ValueError:
-        pass
-    raise typer.BadParameter(
-        f"--concurrency must be N or MIN:MAX with 1 <= MIN <= MAX, got {value!r}"
-    )
 
 
 # ------------------------------------------------------------------------ reading
@@ -297,91 +282,3 @@ def _output(path: Path, fmt: str) -> Iterator[_Output]:
         out.close()
         out.partial.unlink(missing_ok=True)
         raise
-
-
-# ---------------------------------------------------------------------------- command
-def score_file(
-    source: Annotated[str, typer.Argument(metavar="IN", help="Input .parquet or .jsonl file.")],
-    dest: Annotated[
-        Path, typer.Argument(metavar="OUT", help="Output file (.parquet or .jsonl, same as IN).")
-    ],
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Hub id or local directory of the reranker.")
-    ] = DEFAULT_MODEL,
-    query_col: Annotated[
-        str, typer.Option(help="Column (or JSON field) with the query.")
-    ] = "query",
-    doc_col: Annotated[
-        str, typer.Option(help="Column (or JSON field) with the document.")
-    ] = "document",
-    out_col: Annotated[
-        str, typer.Option(help="Column (or JSON field) to add with the score.")
-    ] = "score",
-    batch_size: Annotated[
-        int, typer.Option(min=1, help="Rows per engine call (sorted by length inside).")
-    ] = 1024,
-    raw_scores: Annotated[
-        bool, typer.Option("--raw-scores", help="Write logits instead of probabilities.")
-    ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
-    max_length: Annotated[int, typer.Option(help="Tokens per (query, document) pair.")] = 512,
-    use_ray: Annotated[
-        bool,
-        typer.Option(
-            "--ray",
-            help="Score on the Ray cluster at RAY_ADDRESS (else a local one); IN must then be "
-            "readable by every node (shared disk, s3://...).",
-        ),
-    ] = False,
-    concurrency: Annotated[
-        str, typer.Option(help="With --ray: N engines, or MIN:MAX to autoscale the pool.")
-    ] = "1",
-    num_gpus: Annotated[
-        float | None,
-        typer.Option(help="With --ray: GPUs per engine (default 1 on a GPU cluster, else 0)."),
-    ] = None,
-) -> None:
-    """Score every (query, document) row of a Parquet or JSONL file into OUT, which keeps every
-    input row, in order, with a score column added."""
-    try:
-        check_paths(source, dest)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-    if not use_ray and not Path(source).is_file():
-        raise typer.BadParameter(f"IN {source!r} does not exist")
-    pool = _parse_concurrency(concurrency)
-    common: dict[str, Any] = {
-        "query_col": query_col,
-        "doc_col": doc_col,
-        "out_col": out_col,
-        "batch_size": batch_size,
-        "normalize": not raw_scores,
-    }
-    options: dict[str, Any] = {"device": device, "dtype": dtype, "max_length": max_length}
-    try:
-        if use_ray:
-            score_file_on_ray(
-                source,
-                dest,
-                model=model,
-                concurrency=pool,
-                num_gpus=num_gpus,
-                **common,
-                **options,
-            )
-        else:
-            score_local_file(Reranker(model, **options), source, dest, **common)
-    except Exception as err:
-        if not _reported(err):
-            raise
-        _err.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        raise typer.Exit(code=1) from None
-
-
-def _reported(err: Exception) -> bool:
-    """A bad file, row, model or cluster: told in one message, not a traceback. On Ray a bad
-    row arrives as a ``RayError`` whose message carries the row's own error."""
-    if isinstance(err, (ModelLoadError, ValueError, TypeError, OSError)):
-        return True
-    return type(err).__module__.startswith("ray.")

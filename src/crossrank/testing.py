@@ -16,6 +16,19 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+# The marker every model built here gets, and its test, live where the demo reads them.
+from crossrank.rag.models import RANDOM_WEIGHTS_FILE, is_random_reranker
+
+__all__ = [
+    "RANDOM_WEIGHTS_FILE",
+    "SHARED_ENV",
+    "SKELETON",
+    "TINY_CONFIG",
+    "build_random_reranker",
+    "is_random_reranker",
+    "shared_dir",
+]
+
 SHARED_ENV = "CROSSRANK_SHARED"
 
 #: Config overrides for a tiny (2-layer, 64-wide) test model of any BERT/XLM-R architecture.
@@ -28,9 +41,6 @@ TINY_CONFIG: dict[str, Any] = {
     "initializer_range": 0.3,
 }
 SKELETON = "models/bge-reranker-v2-m3-skeleton"
-#: Marker file written next to every random-weight model, so tools can refuse to present its
-#: scores as real (see :func:`is_random_reranker`).
-RANDOM_WEIGHTS_FILE = "RANDOM_WEIGHTS.txt"
 
 
 def shared_dir() -> Path | None:
@@ -68,11 +78,6 @@ def build_random_reranker(
         "This model has random weights built by crossrank.testing; its scores are meaningless.\n"
     )
     return out
-
-
-def is_random_reranker(model_name_or_path: str | os.PathLike[str]) -> bool:
-    """True for a local model directory built by :func:`build_random_reranker`."""
-    return (Path(os.path.expanduser(model_name_or_path)) / RANDOM_WEIGHTS_FILE).is_file()
 
 
 def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:

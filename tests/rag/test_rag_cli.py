@@ -12,10 +12,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from crossrank.rag import cli as cli_module
+import crossrank.registry
+from crossrank.cli import rag as cli_module
+from crossrank.cli.rag import DEMO_QUERY_IDS, EXIT_MODEL_UNAVAILABLE, demo, eval_command
 from crossrank.rag import corpus as corpus_module
 from crossrank.rag import models
-from crossrank.rag.cli import DEMO_QUERY_IDS, EXIT_MODEL_UNAVAILABLE, demo, eval_command
 from crossrank.rag.corpus import Corpus, Passage
 from crossrank.rag.retrieval import DenseIndex
 
@@ -117,7 +118,7 @@ def test_default_models_fail_fast_without_the_hub(
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model loader was called although the Hub is unreachable")
 
-    monkeypatch.setattr(models, "get_reranker", no_loading)
+    monkeypatch.setattr(crossrank.registry, "get_reranker", no_loading)
     monkeypatch.setattr("sentence_transformers.SentenceTransformer", no_loading)
     for name in ("CROSSRANK_EMBED_MODEL", "CROSSRANK_RERANK_MODEL"):
         monkeypatch.delenv(name, raising=False)
@@ -149,14 +150,15 @@ def test_eval_on_the_demo_corpus(model_args: list[str], tmp_path: Path) -> None:
 
 
 def test_eval_xquad_r(
-    model_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: Path | None
 ) -> None:
-    if corpus_module.xquad_dir() is None:
+    if shared is None:
         pytest.skip("../shared/data/xquad-r is absent")
 
-    def first_articles(name: str) -> dict[str, Corpus]:
+    def first_articles(name: str, data_dir: Path | None) -> dict[str, Corpus]:
         """The real XQuAD-R tasks cut to their first 3 articles, to keep embedding short."""
-        tasks = corpus_module.load_dataset(name)
+        assert data_dir == shared  # from the environment, as the flag's help says
+        tasks = corpus_module.load_dataset(name, data_dir)
         out = {}
         for task, corpus in tasks.items():
             keep = tuple(p for p in corpus.passages if int(p.id.split("-")[1]) < 3)
@@ -168,7 +170,7 @@ def test_eval_xquad_r(
     monkeypatch.setattr(cli_module, "load_dataset", first_articles)
     out = tmp_path / "xquad.json"
     args = ["eval", *model_args, "--dataset", "xquad-r", "--max-queries", "8", "--json", str(out)]
-    result = runner.invoke(app, args, env=WIDE)
+    result = runner.invoke(app, args, env={**WIDE, "CROSSRANK_SHARED": str(shared)})
     assert result.exit_code == 0, result.output
     payload = json.loads(out.read_text())
     tasks = payload["tasks"]
@@ -182,9 +184,16 @@ def test_eval_xquad_r(
 
 
 def test_eval_without_xquad_r_says_where_it_looks(
-    model_args: list[str], monkeypatch: pytest.MonkeyPatch
+    model_args: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(corpus_module, "shared_dir", lambda: None)
+    monkeypatch.delenv("CROSSRANK_SHARED", raising=False)
     result = runner.invoke(app, ["eval", *model_args, "--dataset", "xquad-r"], env=WIDE)
     assert result.exit_code == 1
-    assert "XQuAD-R not found" in result.stderr and "CROSSRANK_SHARED" in result.stderr
+    err = " ".join(result.stderr.split())
+    assert "XQuAD-R is not shipped" in err and "--data-dir" in err and "CROSSRANK_SHARED" in err
+    # a folder without the data is named in the error
+    result = runner.invoke(
+        app, ["eval", *model_args, "--dataset", "xquad-r", "--data-dir", str(tmp_path)], env=WIDE
+    )
+    assert result.exit_code == 1
+    assert "XQuAD-R not found in" in result.stderr and str(tmp_path) in result.stderr

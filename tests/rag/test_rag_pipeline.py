@@ -48,11 +48,11 @@ def test_corpus_rejects_bad_ids() -> None:
         load_dataset("nope")
 
 
-def test_xquad_r_tasks_follow_the_data() -> None:
-    directory = xquad_dir()
-    if directory is None:
+def test_xquad_r_tasks_follow_the_data(shared: Path | None) -> None:
+    if shared is None:
         pytest.skip("../shared/data/xquad-r is absent")
-    tasks = load_xquad_r(directory)
+    directory = xquad_dir(shared)
+    tasks = load_xquad_r(shared)
     assert list(tasks) == ["en-en", "zh-zh", "zh-en"]
     raw = {lang: json.loads((directory / f"{lang}.json").read_text()) for lang in ("en", "zh")}
     # Independent walk of the raw JSON: question id -> (article, paragraph) that holds it.

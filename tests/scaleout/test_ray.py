@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossrank import Reranker
+from crossrank import EngineOptions, Reranker
 from tests.conftest import DOCS, QUERY
 
 ray = pytest.importorskip("ray")
@@ -116,7 +116,8 @@ def test_score_file_on_ray_writes_what_the_local_path_writes(
     import typer
     from typer.testing import CliRunner
 
-    from crossrank.score_file import score_file, score_local_file
+    from crossrank.cli.score_file import score_file
+    from crossrank.score_file import score_local_file
 
     app = typer.Typer()
     app.command("score-file")(score_file)
@@ -362,7 +363,7 @@ def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> Non
     from typer.testing import CliRunner
 
     import crossrank.ray
-    from crossrank.server.cli import serve
+    from crossrank.cli.serve import serve
 
     app = typer.Typer()
     app.command("serve")(serve)
@@ -400,18 +401,17 @@ def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> Non
     )
     assert result.exit_code == 0, result.output
     args, _ = calls.pop()
-    assert args.engine_options() == {
-        "max_length": 512,
-        "query_max_length": 64,
-        "batch_tokens": 2048,
-        "long_docs": "chunk",
-        "chunk_tokens": 100,
-        "chunk_overlap": 8,
-        "aggregate": "mean",
-        "cache": "redis://:pw@cache:6379/0",
-        "backend": "onnx",
-        "quantize": True,
-    }
+    assert args.engine_options() == EngineOptions(
+        query_max_length=64,
+        batch_tokens=2048,
+        long_docs="chunk",
+        chunk_tokens=100,
+        chunk_overlap=8,
+        aggregate="mean",
+        cache="redis://:pw@cache:6379/0",
+        backend="onnx",
+        quantize=True,
+    )
 
     from crossrank.ray import RerankAppArgs
 
@@ -435,7 +435,7 @@ def test_app_args_take_the_engine_options_and_check_them(monkeypatch: pytest.Mon
     replica's ``Reranker``; no cluster is needed for either."""
     from pydantic import ValidationError
 
-    import crossrank.ray
+    import crossrank.ray.serve
     from crossrank.ray import RerankAppArgs, build_app
 
     monkeypatch.delenv("CROSSRANK_CACHE", raising=False)
@@ -464,27 +464,26 @@ def test_app_args_take_the_engine_options_and_check_them(monkeypatch: pytest.Mon
         def bind(self, *a: object, **kw: object) -> None:
             bound.append((a, kw))
 
-    monkeypatch.setattr(crossrank.ray, "RerankDeployment", Deployment())
+    monkeypatch.setattr(crossrank.ray.serve, "RerankDeployment", Deployment())
     build_app(args)
-    [(_, options)] = bound
-    assert options == {
-        "device": "auto",
-        "dtype": "auto",
-        "max_length": 512,
-        "query_max_length": 32,
-        "batch_tokens": None,
-        "long_docs": "chunk",
-        "chunk_tokens": 128,
-        "chunk_overlap": 16,
-        "aggregate": "first",
-        "cache": "redis://:pw-in-url@cache.internal:6379/1",
-        "backend": "onnx",
-        "quantize": True,
-    }
+    [((_, _, options), _)] = bound
+    assert options == EngineOptions(
+        query_max_length=32,
+        long_docs="chunk",
+        chunk_tokens=128,
+        chunk_overlap=16,
+        aggregate="first",
+        cache="redis://:pw-in-url@cache.internal:6379/1",
+        backend="onnx",
+        quantize=True,
+    )
+    # the token budget keeps its documented config key
+    budget = RerankAppArgs.model_validate({"max_batch_tokens": "2048"})
+    assert budget.engine_options().batch_tokens == 2048
 
     monkeypatch.setenv("CROSSRANK_CACHE", "memory")  # read where the app is built
     defaults = RerankAppArgs.model_validate({})
-    assert defaults.engine_options()["cache"] == "memory"
+    assert defaults.engine_options().cache == "memory"
     assert (defaults.long_docs, defaults.backend, defaults.quantize) == ("truncate", "torch", False)
 
     for bad, message in (

@@ -18,7 +18,8 @@ import typer
 from typer.testing import CliRunner
 
 from crossrank import Reranker
-from crossrank.score_file import score_file, score_local_file
+from crossrank.cli.score_file import score_file
+from crossrank.score_file import score_local_file
 
 runner = CliRunner()
 

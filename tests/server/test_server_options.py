@@ -12,9 +12,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import crossrank.server.cli
+import crossrank.cli.serve
+import crossrank.engine
 import crossrank.server.runner
-from crossrank import Reranker
+from crossrank import EngineOptions, Reranker
 from crossrank.server import ServerSettings, create_app
 from crossrank.server.runner import BackgroundServer
 from tests.server.helpers import metric
@@ -31,7 +32,7 @@ DOCS = ["Mars is red.", "Jupiter is the largest planet.", LONG_DOC, ""]
 
 def cli() -> typer.Typer:
     app = typer.Typer()
-    app.command()(crossrank.server.cli.serve)
+    app.command()(crossrank.cli.serve.serve)
     return app
 
 
@@ -52,7 +53,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ServerSettings]]
 def test_engine_options_reach_the_reranker(started, monkeypatch):
     built: list[tuple[tuple, dict]] = []
     monkeypatch.setattr(
-        crossrank.server.cli, "Reranker", lambda *a, **kw: built.append((a, kw)) or "engine"
+        crossrank.engine, "Reranker", lambda *a, **kw: built.append((a, kw)) or "engine"
     )
     result = CliRunner().invoke(
         cli(),
@@ -68,25 +69,20 @@ def test_engine_options_reach_the_reranker(started, monkeypatch):
     [(load, _)] = started
     assert not built  # the model loads in the server, not before it
     assert load() == "engine"
-    assert built == [
-        (
-            ("some/model",),
-            {
-                "device": "cpu",
-                "dtype": "auto",
-                "max_length": 256,
-                "query_max_length": 64,
-                "batch_tokens": 4096,
-                "long_docs": "chunk",
-                "chunk_tokens": 100,
-                "chunk_overlap": 10,
-                "aggregate": "mean",
-                "cache": "redis://localhost:6379/2",
-                "backend": "onnx",
-                "quantize": True,
-            },
-        )
-    ]
+    expected = EngineOptions(
+        device="cpu",
+        max_length=256,
+        query_max_length=64,
+        batch_tokens=4096,
+        long_docs="chunk",
+        chunk_tokens=100,
+        chunk_overlap=10,
+        aggregate="mean",
+        cache="redis://localhost:6379/2",
+        backend="onnx",
+        quantize=True,
+    )
+    assert built == [(("some/model", expected), {})]
 
     # the defaults are the engine's, and the cache may come from the environment
     built.clear()
@@ -94,14 +90,7 @@ def test_engine_options_reach_the_reranker(started, monkeypatch):
     result = CliRunner().invoke(cli(), [], env={"CROSSRANK_CACHE": "memory"})
     assert result.exit_code == 0, result.output
     started[0][0]()
-    defaults = built[0][1]
-    assert defaults["cache"] == "memory"
-    assert (defaults["long_docs"], defaults["aggregate"], defaults["backend"]) == (
-        "truncate",
-        "max",
-        "torch",
-    )
-    assert defaults["query_max_length"] is None and defaults["quantize"] is False
+    assert built == [(("BAAI/bge-reranker-v2-m3", EngineOptions(cache="memory")), {})]
 
 
 @pytest.mark.parametrize(

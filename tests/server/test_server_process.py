@@ -18,13 +18,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from crossrank.server.cli import serve
+from crossrank.cli.serve import serve
 from tests.server.helpers import metric, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
-# The lead's main CLI registers the same function with app.command()(serve).
-SERVE = "import typer; from crossrank.server.cli import serve; typer.run(serve)"
+# crossrank.cli registers the same function with app.command("serve")(serve.serve).
+SERVE = "import typer; from crossrank.cli.serve import serve; typer.run(serve)"
 
 
 def free_port() -> int:

@@ -194,7 +194,7 @@ def export_onnx(model: PreTrainedModel, directory: Path, input_names: list[str])
 def quantize_onnx(source: Path, directory: Path) -> Path:
     """Dynamic int8 quantization of the encoder's weight MatMuls, first-token rows kept in fp32.
 
-    Recipe (chosen by measuring per-query Kendall tau against fp32, see tests/test_onnx.py):
+    Recipe (chosen by measuring per-query Kendall tau against fp32, see tests/backends/test_onnx.py):
 
     - Weights get one int8 scale per output channel; activations are quantized per tensor at
       run time by ONNX Runtime (``DynamicQuantizeMatMul``), so an int8 score depends slightly

@@ -4,6 +4,9 @@ A :class:`Corpus` is a pool of passages plus labelled queries (graded relevance 
 id). The demo corpus is one corpus; XQuAD-R gives one corpus per retrieval task (en→en,
 zh→zh and the cross-lingual zh→en), each with the paragraphs of the target language as its
 pool.
+
+XQuAD-R is not shipped: it is read from a folder given explicitly (``crossrank eval
+--data-dir``, or ``$CROSSRANK_SHARED``), never from a guessed location.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from crossrank.testing import shared_dir
-
 DATASETS = ("demo", "xquad-r")
 #: XQuAD-R tasks: (query language, passage language).
 XQUAD_TASKS = {"en-en": ("en", "en"), "zh-zh": ("zh", "zh"), "zh-en": ("zh", "en")}
+#: Where XQuAD-R lies inside the shared asset folder (``$CROSSRANK_SHARED``).
+XQUAD_SUBDIR = Path("data", "xquad-r")
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,16 @@ def load_demo_corpus() -> Corpus:
     )
 
 
-def xquad_dir() -> Path | None:
-    """``$CROSSRANK_SHARED/data/xquad-r`` (else ``../shared/data/xquad-r``) if present."""
-    shared = shared_dir()
-    if shared is None or not (shared / "data/xquad-r/en.json").is_file():
-        return None
-    return shared / "data/xquad-r"
+def xquad_dir(data_dir: str | Path) -> Path:
+    """The XQuAD-R folder in ``data_dir``: the shared asset folder (holding
+    ``data/xquad-r/{en,zh}.json``) or the XQuAD-R folder itself."""
+    for candidate in (Path(data_dir) / XQUAD_SUBDIR, Path(data_dir)):
+        if all((candidate / f"{lang}.json").is_file() for lang in ("en", "zh")):
+            return candidate
+    raise FileNotFoundError(
+        f"XQuAD-R not found in {str(data_dir)!r}: expected {XQUAD_SUBDIR}/{{en,zh}}.json "
+        "(or {en,zh}.json) there"
+    )
 
 
 def _read_squad(path: Path, lang: str) -> tuple[list[Passage], dict[str, tuple[str, str]]]:
@@ -115,18 +122,14 @@ def _read_squad(path: Path, lang: str) -> tuple[list[Passage], dict[str, tuple[s
     return passages, questions
 
 
-def load_xquad_r(directory: Path | None = None) -> dict[str, Corpus]:
-    """XQuAD-R question → paragraph retrieval tasks en-en, zh-zh and zh-en.
+def load_xquad_r(data_dir: str | Path) -> dict[str, Corpus]:
+    """XQuAD-R question → paragraph retrieval tasks en-en, zh-zh and zh-en, from ``data_dir``
+    (see :func:`xquad_dir`).
 
     The relevant paragraph of a question is the one holding it; for zh-en it is the English
     paragraph holding the parallel question (same question id).
     """
-    directory = directory or xquad_dir()
-    if directory is None:
-        raise FileNotFoundError(
-            "XQuAD-R not found: expected ../shared/data/xquad-r/{en,zh}.json "
-            "(or set CROSSRANK_SHARED to the shared asset folder)"
-        )
+    directory = xquad_dir(data_dir)
     read = {lang: _read_squad(directory / f"{lang}.json", lang) for lang in ("en", "zh")}
     tasks: dict[str, Corpus] = {}
     for task, (query_lang, passage_lang) in XQUAD_TASKS.items():
@@ -140,10 +143,16 @@ def load_xquad_r(directory: Path | None = None) -> dict[str, Corpus]:
     return tasks
 
 
-def load_dataset(name: str) -> dict[str, Corpus]:
-    """Evaluation tasks of a dataset by name (one of :data:`DATASETS`)."""
+def load_dataset(name: str, data_dir: str | Path | None = None) -> dict[str, Corpus]:
+    """Evaluation tasks of a dataset by name (one of :data:`DATASETS`); XQuAD-R needs
+    ``data_dir``."""
     if name == "demo":
         return {"demo": load_demo_corpus()}
     if name == "xquad-r":
-        return load_xquad_r()
+        if data_dir is None:
+            raise FileNotFoundError(
+                "XQuAD-R is not shipped with crossrank: give the folder that holds "
+                f"{XQUAD_SUBDIR}/{{en,zh}}.json with --data-dir or CROSSRANK_SHARED"
+            )
+        return load_xquad_r(data_dir)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

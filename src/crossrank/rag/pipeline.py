@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from crossrank.engine import Reranker
 from crossrank.rag.llm import build_prompt
 from crossrank.rag.retrieval import DenseIndex, Hit
+
+if TYPE_CHECKING:
+    from crossrank.engine import Reranker
 
 DEFAULT_TOP_K = 50
 DEFAULT_TOP_N = 5

@@ -1,11 +1,16 @@
-"""Scale-out on Ray (the ``ray`` extra): batch scoring with Ray Data, serving with Ray Serve.
+"""Serving on Ray Serve: :class:`RerankDeployment` (one engine per replica, the HTTP API of
+``crossrank serve``), :class:`RerankAppArgs` (its options, as a Serve config file or
+``crossrank serve --ray`` gives them) and :func:`build_app` / :func:`run_app`.
 
-Both hold one :class:`~crossrank.Reranker` per Ray actor, one actor per GPU by default on a
-cluster with GPUs, so a user never writes a distribution layer of their own.
+The engine options of :class:`RerankAppArgs` are generated from
+:func:`crossrank.options.option_fields` and checked by building an
+:class:`~crossrank.options.EngineOptions`, so a config file takes exactly the options the
+engine has, under the flat keys the command line uses (``max_batch_tokens``, ``long_docs``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -13,9 +18,7 @@ import threading
 from typing import Any, cast
 
 import numpy as np
-import pyarrow as pa
 import ray
-import ray.data
 from fastapi import FastAPI
 from pydantic import (
     BaseModel,
@@ -25,114 +28,28 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretStr,
+    create_model,
     field_validator,
     model_validator,
 )
 from ray import serve
 
-from crossrank.engine import DEFAULT_MODEL, Reranker, check_options
-from crossrank.options import Aggregate, Backend, LongDocsMode
+from crossrank.engine import Reranker
+from crossrank.options import DEFAULT_MODEL, EngineOptions, OptionField, option_fields
+from crossrank.ray.cluster import cluster_has_gpus
 from crossrank.result import RerankResult, to_results
 from crossrank.server.settings import ServerSettings
-from crossrank.tabular import Columns, score_table
 from crossrank.validation import check_documents, check_query, check_top_n
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RerankAppArgs", "RerankDeployment", "build_app", "run_app", "score_dataset"]
+__all__ = ["APP_NAME", "RerankAppArgs", "RerankDeployment", "build_app", "run_app"]
 
 #: Requests one replica works on at once (Serve's default of 5 would starve the engine's
 #: batching; the engine's own queue limit still answers 429 beyond ``max_queue`` pairs).
 _MAX_ONGOING = 64
-
-
-def cluster_has_gpus() -> bool:
-    """Whether the Ray cluster (connected to, or started, here) has any GPU."""
-    if not ray.is_initialized():
-        ray.init()
-    return bool(ray.cluster_resources().get("GPU", 0))
-
-
-class _DatasetScorer:
-    """A Ray Data actor: loads one engine, then scores the batches it is given."""
-
-    def __init__(self, model: str, columns: Columns, reranker_options: dict[str, Any]) -> None:
-        self.reranker = Reranker(model, **reranker_options)
-        self.columns = columns
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return score_table(self.reranker, batch, self.columns)
-
-
-def score_dataset(
-    ds: ray.data.Dataset,
-    *,
-    query_col: str = "query",
-    doc_col: str = "document",
-    out_col: str = "score",
-    model: str = DEFAULT_MODEL,
-    concurrency: int | tuple[int, int] = 1,
-    batch_size: int = 1024,
-    num_gpus: float | None = None,
-    num_cpus: float | None = None,
-    **reranker_options: Any,
-) -> ray.data.Dataset:
-    """Score every row of ``ds`` with a pool of reranker actors; lazy, like any Ray Data op.
-
-    Each output row is its input row, all columns unchanged (so an id or order-key column
-    survives), plus a float32 ``out_col``; no row is dropped, added or merged. Rows come
-    back in input order when the dataset's ``DataContext`` has
-    ``execution_options.preserve_order = True``; otherwise join on a key column.
-
-    ``concurrency`` is the actor pool: ``N`` engines, or ``(min, max)`` to let Ray Data grow
-    the pool with the backlog. ``num_gpus`` per actor defaults to 1 on a cluster with GPUs
-    (one engine per GPU; ``0.5`` packs two per GPU) and 0 otherwise. ``batch_size`` rows go to
-    one engine call, which sorts them by length and cuts token-budgeted forward passes, so
-    larger batches pad less. Other keyword arguments go to :class:`~crossrank.Reranker`
-    (``device``, ``dtype``, ``max_length``, ``normalize``, ``batch_tokens``...).
-
-    A row whose query is not a non-blank string, or whose document is not a string, fails
-    the job with an error that shows the row.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    compute = _actor_pool(concurrency)
-    if os.path.exists(model):  # a relative path must mean the same in every actor
-        model = os.path.abspath(model)
-    if num_gpus is None:
-        num_gpus = 1.0 if cluster_has_gpus() else 0.0
-    resources: dict[str, Any] = {"num_gpus": num_gpus}
-    if num_cpus is not None:
-        resources["num_cpus"] = num_cpus
-    return ds.map_batches(
-        _DatasetScorer,
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=compute,
-        fn_constructor_kwargs={
-            "model": model,
-            "columns": Columns(query_col, doc_col, out_col),
-            "reranker_options": reranker_options,
-        },
-        udf_modifying_row_count=False,
-        **resources,
-    )
-
-
-def _actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
-    if isinstance(concurrency, int) and not isinstance(concurrency, bool) and concurrency >= 1:
-        return ray.data.ActorPoolStrategy(size=concurrency)
-    if (
-        isinstance(concurrency, tuple)
-        and len(concurrency) == 2
-        and all(isinstance(n, int) and not isinstance(n, bool) for n in concurrency)
-        and 1 <= concurrency[0] <= concurrency[1]
-    ):
-        return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
-    raise ValueError(
-        f"concurrency must be a positive int or a (min, max) tuple with 1 <= min <= max, "
-        f"got {concurrency!r}"
-    )
+#: Where the API key comes from when a config file does not give it.
+API_KEY_ENV = "CROSSRANK_API_KEY"
 
 
 # ------------------------------------------------------------------------------ Ray Serve
@@ -151,17 +68,20 @@ class RerankDeployment:
     The model is loaded and warmed up in the constructor, so Serve sends a new replica (a
     restart, an autoscaling step) traffic only once it can score. Build it with
     :func:`build_app` (which picks one GPU per replica on a GPU cluster), or bind it yourself:
-    ``RerankDeployment.options(ray_actor_options={"num_gpus": 1}).bind(model, device=...)``.
+    ``RerankDeployment.options(ray_actor_options={"num_gpus": 1}).bind(model, device=...)``
+    (keyword arguments, or ``options=EngineOptions(...)``, as :class:`~crossrank.Reranker`
+    takes them).
     """
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
         settings: ServerSettings | None = None,
-        **reranker_options: Any,
+        options: EngineOptions | None = None,
+        **overrides: Any,
     ) -> None:
         self.settings = settings or ServerSettings()
-        self.reranker = Reranker(model, **reranker_options)
+        self.reranker = Reranker(model, options, **overrides)
         self.reranker.warmup()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -194,12 +114,44 @@ class RerankDeployment:
         return np.split(scores, ends[:-1])
 
 
-class RerankAppArgs(BaseModel):
-    """What :func:`build_app` builds: the options of ``crossrank serve --ray``, and the
-    ``args`` of a Serve config file (``import_path: crossrank.ray:build_app``)."""
+def _env_secret(name: str | None) -> SecretStr | None:
+    value = os.environ.get(name) if name else None
+    return SecretStr(value) if value else None
 
+
+def _engine_field(option: OptionField) -> tuple[Any, Any]:
+    """The schema field of one engine option; a secret one is a ``SecretStr`` that defaults
+    to its environment variable, read where the app is built."""
+    if option.secret:
+        default = Field(
+            default_factory=functools.partial(_env_secret, option.envvar),
+            description=f"{option.help} (default: ${option.envvar}; kept secret)",
+        )
+        return SecretStr | None, default
+    annotation = option.annotation
+    if option.name == "device":  # one device, or a list of them (one engine each)
+        annotation = str | list[str]
+    return annotation, Field(option.default, description=option.help)
+
+
+class _AppArgsBase(BaseModel):
     # Errors never repeat the input: it may hold the API key or a cache URL's password.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
+
+
+#: One field per engine option, under its config key (generated: never declared twice).
+_EngineArgs: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "_EngineArgs",
+    __base__=_AppArgsBase,
+    **{option.key: _engine_field(option) for option in option_fields()},
+)
+
+
+class RerankAppArgs(_EngineArgs):  # type: ignore[misc,valid-type]
+    """What :func:`build_app` builds: the options of ``crossrank serve --ray``, and the
+    ``args`` of a Serve config file (``import_path: crossrank.ray:build_app``): the replica
+    and server settings below plus every engine option (``long_docs``, ``max_batch_tokens``,
+    ``cache``...; see :class:`~crossrank.options.EngineOptions`)."""
 
     model: str = Field(DEFAULT_MODEL, description="Hub id or local directory on every node.")
     replicas: PositiveInt | None = Field(None, description="A fixed number of replicas (1).")
@@ -213,28 +165,12 @@ class RerankAppArgs(BaseModel):
         None, description="GPUs per replica (default 1 on a cluster with GPUs, else 0)."
     )
     num_cpus: NonNegativeFloat = Field(1, description="CPUs per replica.")
-    device: str = "auto"
-    dtype: str = "auto"
-    max_length: int = 512
-    query_max_length: int | None = None
-    max_batch_tokens: int | None = None
-    long_docs: LongDocsMode = "truncate"
-    chunk_tokens: int | None = None
-    chunk_overlap: int | None = None
-    aggregate: Aggregate = "max"
-    cache: SecretStr | None = Field(
-        default_factory=lambda: _env_secret("CROSSRANK_CACHE"),
-        description="Score cache: 'memory' (one per replica) or a redis:// URL shared by the "
-        "replicas (default: $CROSSRANK_CACHE; kept secret, as a URL may hold a password).",
-    )
-    backend: Backend = "torch"
-    quantize: bool = False
     max_docs: PositiveInt = 1000
     max_queue: PositiveInt = 10_000
     request_timeout: PositiveFloat = 120.0
     api_key: SecretStr | None = Field(
-        default_factory=lambda: _env_secret("CROSSRANK_API_KEY"),
-        description="Require 'Authorization: Bearer KEY' (default: $CROSSRANK_API_KEY, read "
+        default_factory=functools.partial(_env_secret, API_KEY_ENV),
+        description=f"Require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, read "
         "where the app is built, so a config file need not hold the secret).",
     )
 
@@ -260,29 +196,20 @@ class RerankAppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check_engine(self) -> RerankAppArgs:
-        """The engine's own checks, so a bad option fails here rather than in every replica."""
-        check_options(**self.engine_options())
+        """The engine's own checks, so a bad option fails here rather than in every replica
+        (an ``OptionError`` is a ``ValueError``: pydantic reports it under this model)."""
+        self.engine_options()
         return self
 
-    def engine_options(self) -> dict[str, Any]:
-        """The :class:`~crossrank.Reranker` keyword arguments besides the model and device."""
-        return {
-            "max_length": self.max_length,
-            "query_max_length": self.query_max_length,
-            "batch_tokens": self.max_batch_tokens,
-            "long_docs": self.long_docs,
-            "chunk_tokens": self.chunk_tokens,
-            "chunk_overlap": self.chunk_overlap,
-            "aggregate": self.aggregate,
-            "cache": self.cache.get_secret_value() if self.cache is not None else None,
-            "backend": self.backend,
-            "quantize": self.quantize,
-        }
-
-
-def _env_secret(name: str) -> SecretStr | None:
-    value = os.environ.get(name)
-    return SecretStr(value) if value else None
+    def engine_options(self) -> EngineOptions:
+        """The engine options of every replica (secrets revealed: only for the engine)."""
+        values: dict[str, Any] = {}
+        for option in option_fields():
+            value = getattr(self, option.key)
+            values[option.name] = (
+                value.get_secret_value() if isinstance(value, SecretStr) else value
+            )
+        return EngineOptions(**values)
 
 
 def build_app(args: RerankAppArgs | dict[str, Any] | None = None) -> serve.Application:
@@ -293,6 +220,7 @@ def build_app(args: RerankAppArgs | dict[str, Any] | None = None) -> serve.Appli
     """
     if not isinstance(args, RerankAppArgs):
         args = RerankAppArgs.model_validate(args or {})
+    args = cast(RerankAppArgs, args)  # (mypy cannot narrow a class with a generated base)
     num_gpus = args.num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if cluster_has_gpus() else 0.0
@@ -317,9 +245,7 @@ def build_app(args: RerankAppArgs | dict[str, Any] | None = None) -> serve.Appli
     deployment = cast(serve.Deployment, RerankDeployment).options(
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": num_gpus}, **scaling
     )
-    return deployment.bind(
-        model, settings, device=args.device, dtype=args.dtype, **args.engine_options()
-    )
+    return deployment.bind(model, settings, args.engine_options())
 
 
 APP_NAME = "crossrank"

@@ -1,9 +1,8 @@
-"""The ``crossrank`` command line (typer)."""
+"""``crossrank rerank``: rank documents for one query and print them, best first."""
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,32 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from crossrank.engine import DEFAULT_MODEL
-from crossrank.loading import ModelLoadError
-from crossrank.rag.cli import demo, eval_command
-from crossrank.score_file import score_file
-from crossrank.server.cli import serve
+from crossrank.cli.common import Model, engine_command
+from crossrank.errors import ModelLoadError
+from crossrank.options import DEFAULT_MODEL, EngineOptions
 
-app = typer.Typer(
-    help="crossrank: fast cross-encoder reranking for RAG pipelines.",
-    no_args_is_help=True,
-    add_completion=False,
-)
 err_console = Console(stderr=True)
 
 #: Above this many documents a progress bar is shown while scoring.
 PROGRESS_THRESHOLD = 256
-
-
-@app.callback()
-def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
-) -> None:
-    """crossrank: fast cross-encoder reranking for RAG pipelines."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def _read_documents(docs: list[str] | None, docs_file: str | None) -> list[str]:
@@ -55,13 +36,11 @@ def _read_documents(docs: list[str] | None, docs_file: str | None) -> list[str]:
     return text.splitlines()
 
 
-@app.command()
+@engine_command()
 def rerank(
     query: Annotated[str, typer.Argument(help="The search query.")],
     docs: Annotated[list[str] | None, typer.Argument(help="Documents to rank.")] = None,
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Hub id or local directory of the reranker.")
-    ] = DEFAULT_MODEL,
+    model: Model = DEFAULT_MODEL,
     docs_file: Annotated[
         str | None,
         typer.Option("--docs-file", "-f", help="File with one document per line ('-' = stdin)."),
@@ -71,9 +50,8 @@ def rerank(
         float | None, typer.Option(help="Keep documents scoring at least this.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
-    max_length: Annotated[int, typer.Option(help="Tokens per (query, document) pair.")] = 512,
+    *,
+    engine: EngineOptions,
 ) -> None:
     """Rank documents for a query and print them best first."""
     from crossrank.engine import Reranker
@@ -82,7 +60,7 @@ def rerank(
     if not documents:
         raise typer.BadParameter("no documents given (arguments, --docs-file or stdin)")
     try:
-        reranker = Reranker(model, device=device, dtype=dtype, max_length=max_length)
+        reranker = Reranker(model, engine)
         results = reranker.rerank(
             query,
             documents,
@@ -106,10 +84,3 @@ def rerank(
         preview = result.document if len(result.document) <= 200 else result.document[:200] + "…"
         table.add_row(str(rank), f"{result.score:.4f}", str(result.index), preview)
     Console().print(table)
-
-
-# Commands defined beside their features; their heavy dependencies load only when they run.
-app.command()(serve)
-app.command("score-file")(score_file)
-app.command("demo")(demo)
-app.command("eval")(eval_command)

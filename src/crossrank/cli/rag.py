@@ -1,7 +1,9 @@
 """``crossrank demo`` and ``crossrank eval``: the retrieve → rerank → LLM pipeline on the
 bundled demo corpus (and XQuAD-R), from the command line.
 
-Registered on the main app in ``crossrank.cli``. When a model cannot be loaded both commands
+Registered on the main app in ``crossrank.cli``. Importing this module is cheap: the models
+and the ``rag`` extra's libraries load when a command runs, and a missing ``rag`` extra is
+one line naming ``crossrank[rag]``. When a model cannot be loaded both commands
 stop with one message naming the flags/env vars for local models and exit with
 :data:`EXIT_MODEL_UNAVAILABLE` (so ``scripts/demo.sh`` can fall back to offline models).
 """
@@ -19,8 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.text import Text
 
-from crossrank.engine import Reranker
-from crossrank.loading import ModelLoadError
+from crossrank.errors import MissingExtraError, ModelLoadError, require_extra
 from crossrank.rag.corpus import load_dataset, load_demo_corpus
 from crossrank.rag.display import (
     answer_panel,
@@ -36,20 +37,29 @@ from crossrank.rag.models import (
     DEFAULT_RERANK_MODEL,
     EMBED_MODEL_ENV,
     RERANK_MODEL_ENV,
+    is_random_reranker,
     load_embedder,
     load_reranker,
 )
 from crossrank.rag.pipeline import DEFAULT_TOP_K, DEFAULT_TOP_N, Pipeline
 from crossrank.rag.retrieval import DenseIndex
-from crossrank.testing import is_random_reranker
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+    from crossrank.engine import Reranker
 
 #: Exit status when a model cannot be loaded (1 is any other error, 2 a usage error).
 EXIT_MODEL_UNAVAILABLE = 3
 #: Demo queries shown by default: one per keyword trap, in several languages.
 DEMO_QUERY_IDS = ("q01", "q07", "q12", "q15", "q19")
+#: The libraries of the ``rag`` extra each command needs.
+RAG_MODULES = {
+    "demo": ("sentence_transformers", "faiss", "httpx"),
+    "eval": ("sentence_transformers", "faiss", "ir_measures"),
+}
+#: The shared asset folder holding ``data/xquad-r`` (for ``eval --dataset xquad-r``).
+DATA_DIR_ENV = "CROSSRANK_SHARED"
 
 err_console = Console(stderr=True)
 
@@ -81,6 +91,15 @@ class Dataset(str, Enum):
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     return typer.Exit(code=code)
+
+
+def _require_rag(command: str) -> None:
+    """Stop with one line naming ``crossrank[rag]`` when a library of the extra is missing."""
+    try:
+        for module in RAG_MODULES[command]:
+            require_extra(module, "rag", feature=f"crossrank {command}")
+    except MissingExtraError as err:
+        raise _fail(str(err)) from None
 
 
 def _load_models(
@@ -138,6 +157,7 @@ def demo(
     CROSSRANK_LLM_MODEL (and CROSSRANK_LLM_API_KEY) are set; otherwise it is a labelled dry
     run that prints the exact prompt.
     """
+    _require_rag("demo")
     try:
         llm = LLMConfig.from_env()
     except ValueError as err:
@@ -202,13 +222,22 @@ def eval_command(
         typer.Option("--max-queries", min=1, help="Evaluate the first N queries per task."),
     ] = None,
     device: Device = "auto",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar=DATA_DIR_ENV,
+            help="With --dataset xquad-r: the folder holding data/xquad-r/{en,zh}.json.",
+        ),
+    ] = None,
 ) -> None:
     """nDCG@5/10, MRR@10 and Recall@5/50 of retrieval alone vs retrieval + crossrank rerank,
-    on the demo corpus or XQuAD-R (en→en, zh→zh, zh→en) from ../shared."""
+    on the demo corpus or XQuAD-R (en→en, zh→zh, zh→en) from --data-dir."""
+    _require_rag("eval")
     from crossrank.rag.evaluate import evaluate
 
     try:
-        tasks = load_dataset(dataset.value)
+        tasks = load_dataset(dataset.value, data_dir)
     except (FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from None
     embedder, reranker = _load_models(embed_model, rerank_model, device)

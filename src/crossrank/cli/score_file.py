@@ -1,0 +1,120 @@
+"""``crossrank score-file IN OUT``: score every (query, document) row of a Parquet or JSONL
+file, locally or on Ray (``--ray``), with :mod:`crossrank.score_file`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from crossrank.cli.common import Model, engine_command
+from crossrank.errors import CrossrankError
+from crossrank.options import DEFAULT_MODEL, EngineOptions
+
+_err = Console(stderr=True)
+
+
+def _parse_concurrency(value: str) -> int | tuple[int, int]:
+    try:
+        if ":" in value:
+            low, high = (int(part) for part in value.split(":", 1))
+            if 1 <= low <= high:
+                return (low, high)
+        elif int(value) >= 1:
+            return int(value)
+    except ValueError:
+        pass
+    raise typer.BadParameter(
+        f"--concurrency must be N or MIN:MAX with 1 <= MIN <= MAX, got {value!r}"
+    )
+
+
+@engine_command(skip={"normalize"})  # --raw-scores says it for this command
+def score_file(
+    source: Annotated[str, typer.Argument(metavar="IN", help="Input .parquet or .jsonl file.")],
+    dest: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output file (.parquet or .jsonl, same as IN).")
+    ],
+    model: Model = DEFAULT_MODEL,
+    query_col: Annotated[
+        str, typer.Option(help="Column (or JSON field) with the query.")
+    ] = "query",
+    doc_col: Annotated[
+        str, typer.Option(help="Column (or JSON field) with the document.")
+    ] = "document",
+    out_col: Annotated[
+        str, typer.Option(help="Column (or JSON field) to add with the score.")
+    ] = "score",
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Rows per engine call (sorted by length inside).")
+    ] = 1024,
+    raw_scores: Annotated[
+        bool, typer.Option("--raw-scores", help="Write logits instead of probabilities.")
+    ] = False,
+    use_ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Score on the Ray cluster at RAY_ADDRESS (else a local one); IN must then be "
+            "readable by every node (shared disk, s3://...).",
+        ),
+    ] = False,
+    concurrency: Annotated[
+        str, typer.Option(help="With --ray: N engines, or MIN:MAX to autoscale the pool.")
+    ] = "1",
+    num_gpus: Annotated[
+        float | None,
+        typer.Option(help="With --ray: GPUs per engine (default 1 on a GPU cluster, else 0)."),
+    ] = None,
+    *,
+    engine: EngineOptions,
+) -> None:
+    """Score every (query, document) row of a Parquet or JSONL file into OUT, which keeps every
+    input row, in order, with a score column added."""
+    from crossrank.score_file import check_paths, score_file_on_ray, score_local_file
+
+    try:
+        check_paths(source, dest)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    if not use_ray and not Path(source).is_file():
+        raise typer.BadParameter(f"IN {source!r} does not exist")
+    pool = _parse_concurrency(concurrency)
+    common: dict[str, Any] = {
+        "query_col": query_col,
+        "doc_col": doc_col,
+        "out_col": out_col,
+        "batch_size": batch_size,
+        "normalize": not raw_scores,
+    }
+    try:
+        if use_ray:
+            score_file_on_ray(
+                source,
+                dest,
+                model=model,
+                concurrency=pool,
+                num_gpus=num_gpus,
+                options=engine,
+                **common,
+            )
+        else:
+            from crossrank.engine import Reranker
+
+            score_local_file(Reranker(model, engine), source, dest, **common)
+    except Exception as err:
+        if not _reported(err):
+            raise
+        _err.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
+def _reported(err: Exception) -> bool:
+    """A bad file, row, model or cluster: told in one message, not a traceback. On Ray a bad
+        row arrives as a ``RayError`` whose message carries the row's own error. A missing extra
+    (``crossrank[ray]``) is a ``CrossrankError`` naming it."""
+    if isinstance(err, (CrossrankError, ValueError, TypeError, OSError)):
+        return True
+    return type(err).__module__.startswith("ray.")
