@@ -30,6 +30,7 @@ from crossrank.loading import load, resolve_device, resolve_dtype
 from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.options import EngineOptions
 from crossrank.packed import PackedOptions, choose_runner
+from crossrank.peer_api import PeerCompat
 from crossrank.result import RerankResult
 from crossrank.runners import Pending, Runner
 from crossrank.tokenization import EncodedPairs, PairTokenizer
@@ -78,7 +79,7 @@ def check_options(**options: Any) -> LongDocs:
     return LongDocs(opts.long_docs, opts.chunk_tokens, opts.chunk_overlap, opts.aggregate)
 
 
-class Reranker:
+class Reranker(PeerCompat):
     """A cross-encoder reranker: load once, score many (query, document) pairs fast.
 
     Scores are ``float32`` in input order. With ``normalize=True`` (default) they are
