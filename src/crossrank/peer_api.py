@@ -287,6 +287,10 @@ def _hub_file(engine: _Engine, filename: str) -> str | None:
 
 
 def _st_config_activation(engine: _Engine) -> str | None:
+    """The activation in ``config_sentence_transformers.json``, which sentence-transformers
+    reads for a model saved in its own format (one with a ``modules.json``)."""
+    if _hub_file(engine, "modules.json") is None:
+        return None
     path = _hub_file(engine, ST_CONFIG_FILE)
     if path is None:
         return None

@@ -130,7 +130,7 @@ def test_refused_arguments_say_what_to_do(tiny_reranker: Reranker) -> None:
         tiny_reranker.compute_score(PAIRS, max_length=256)
     with pytest.raises(ValueError, match=r"device=.*Reranker\(model, device=...\)"):
         tiny_reranker.predict(PAIRS, device="cuda")
-    with pytest.raises(ValueError, match="prompt_name=.*instruction into the query"):
+    with pytest.raises(ValueError, match=r"prompt_name=.*instruction into the query"):
         tiny_reranker.rank(QUERY, DOCS, prompt_name="query")
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         tiny_reranker.predict(PAIRS, batch_size=0)
@@ -141,13 +141,14 @@ def test_refused_arguments_say_what_to_do(tiny_reranker: Reranker) -> None:
 
 
 def test_activation_named_by_the_model_is_honoured(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A model saved by sentence-transformers with Identity (as the ms-marco cross-encoders
-    are) predicts raw logits, here and in CrossEncoder."""
+    """A model whose config.json names Identity (as the ms-marco cross-encoders on the Hub
+    do) predicts raw logits, here and in CrossEncoder."""
     for entry in os.listdir(tiny_model_dir):
-        (tmp_path / entry).symlink_to(tiny_model_dir / entry)
-    (tmp_path / "config_sentence_transformers.json").write_text(
-        json.dumps({"activation_fn": "torch.nn.modules.linear.Identity"})
-    )
+        if entry != "config.json":
+            (tmp_path / entry).symlink_to(tiny_model_dir / entry)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["sentence_transformers"] = {"activation_fn": "torch.nn.modules.linear.Identity"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     want = st.CrossEncoder(str(tmp_path), device="cpu").predict(PAIRS)
     got = Reranker(str(tmp_path), device="cpu").predict(PAIRS)
     np.testing.assert_allclose(got, want, atol=ATOL)
