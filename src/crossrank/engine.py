@@ -29,6 +29,7 @@ from crossrank.cache import CacheStats, ScoreCache, open_cache
 from crossrank.loading import load
 from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.options import DEFAULT_MODEL, EngineOptions
+from crossrank.peer_api import PeerCompat
 from crossrank.result import RerankResult, sigmoid, to_results
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 from crossrank.validation import (
@@ -36,6 +37,7 @@ from crossrank.validation import (
     check_optional_positive_int,
     check_pairs,
     check_query,
+    check_threshold,
     check_top_n,
 )
 
@@ -58,7 +60,7 @@ class _Job:
     cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
 
 
-class Reranker:
+class Reranker(PeerCompat):
     """A cross-encoder reranker: load once, score many (query, document) pairs fast.
 
     Scores are ``float32`` in input order. With ``normalize=True`` (default) they are
@@ -208,7 +210,7 @@ class Reranker:
         number of documents returns them all. In chunk mode each result's ``best_span`` is the
         character span of the document's best window.
         """
-        top_n = check_top_n(top_n)
+        top_n, threshold = check_top_n(top_n), check_threshold(threshold)
         docs = check_documents(documents)
         check_query(query)
         return self._ranked(
@@ -260,7 +262,7 @@ class Reranker:
         threshold: float | None = None,
     ) -> list[RerankResult]:
         """Async :meth:`rerank`."""
-        top_n = check_top_n(top_n)
+        top_n, threshold = check_top_n(top_n), check_threshold(threshold)
         docs = check_documents(documents)
         check_query(query)
         scored, _ = await self._ascores([query] * len(docs), docs)

@@ -1,9 +1,12 @@
 """LangChain front door: a document compressor and a cross-encoder over the shared engine.
 
 ``CrossRankCompressor`` drops into ``ContextualCompressionRetriever`` (sync and async);
-``CrossRankCrossEncoder`` plugs into LangChain's own ``CrossEncoderReranker``. Both are thin:
-they turn ``Document`` objects into texts and engine results back into ``Document`` objects.
-Install with ``pip install crossrank[langchain]`` (needs ``langchain-core`` only).
+``CrossRankCrossEncoder`` plugs into LangChain's own ``CrossEncoderReranker``, and
+``HuggingFaceCrossEncoder`` is the same with langchain-community's name and defaults, so
+swapping the import line is the whole migration. All are thin: they turn ``Document``
+objects into texts and engine results back into new ``Document`` objects (deep copies: no
+output shares mutable state with an input). Install with ``pip install crossrank[langchain]``
+(needs ``langchain-core`` only).
 """
 
 from __future__ import annotations
@@ -25,19 +28,20 @@ from crossrank._adapter import (  # noqa: E402
     check_items,
     span_metadata,
 )
+from crossrank.engine import Reranker  # noqa: E402
 from crossrank.result import RerankResult  # noqa: E402
 from crossrank.validation import check_pairs  # noqa: E402
 
-__all__ = ["CrossRankCompressor", "CrossRankCrossEncoder"]
+__all__ = ["CrossRankCompressor", "CrossRankCrossEncoder", "HuggingFaceCrossEncoder"]
 
 
 class CrossRankCompressor(RankingConfig, BaseDocumentCompressor):
     """Rerank retrieved documents with a cross-encoder, best first, writing each score.
 
-    Returns new ``Document`` objects (the inputs are left untouched) with the original
-    ``id``, ``page_content`` and metadata, plus the score as a plain ``float`` under
+    Returns new ``Document`` objects (deep copies: the inputs are left untouched) with the
+    original ``id``, ``page_content`` and metadata, plus the score as a plain ``float`` under
     ``score_key`` (and ``relevance_span`` when the engine scored a long document by windows).
-    ``score_threshold`` is applied first, then ``top_n``. The model loads on first use and is
+    ``threshold`` (alias ``score_threshold``) is applied first, then ``top_n``. The model loads on first use and is
     shared with every other adapter using the same model and options.
     """
 
@@ -68,18 +72,12 @@ class CrossRankCompressor(RankingConfig, BaseDocumentCompressor):
         return self._to_documents(docs, await self.arank(query, [d.page_content for d in docs]))
 
     def _to_documents(self, docs: list[Document], results: list[RerankResult]) -> list[Document]:
-        return [
-            docs[r.index].model_copy(
-                update={
-                    "metadata": {
-                        **docs[r.index].metadata,
-                        **span_metadata(r),
-                        self.score_key: r.score,
-                    }
-                }
-            )
-            for r in results
-        ]
+        out = []
+        for r in results:
+            doc = docs[r.index].model_copy(deep=True)
+            doc.metadata.update({**span_metadata(r), self.score_key: r.score})
+            out.append(doc)
+        return out
 
 
 class CrossRankCrossEncoder(EngineConfig, BaseCrossEncoder):
@@ -94,3 +92,20 @@ class CrossRankCrossEncoder(EngineConfig, BaseCrossEncoder):
             return []
         scores: list[float] = self.engine.score_pairs(text_pairs).tolist()
         return scores
+
+
+class HuggingFaceCrossEncoder(CrossRankCrossEncoder):
+    """langchain-community's ``HuggingFaceCrossEncoder`` over the crossrank engine: change
+    ``from langchain_community.cross_encoders import HuggingFaceCrossEncoder`` to
+    ``from crossrank.langchain import HuggingFaceCrossEncoder``.
+
+    Same default model (``BAAI/bge-reranker-base``), ``model_name`` and ``model_kwargs``
+    (its ``device``, ``max_length``, ``trust_remote_code``, ``revision``,
+    ``local_files_only``, ``cache_folder``; other keys are refused with what to use), and the
+    same score scale (the sigmoid of a one-logit model's logit).
+    """
+
+    model: str | Reranker = Field(
+        default="BAAI/bge-reranker-base",
+        description="Hugging Face id or local path of a reranker, or a loaded crossrank.Reranker.",
+    )

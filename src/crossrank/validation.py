@@ -6,6 +6,8 @@ a thousand documents can find the bad one; nothing is silently dropped or re-ind
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -59,6 +61,24 @@ def check_pairs(pairs: Any) -> tuple[list[str], list[str]]:
 def check_top_n(top_n: Any) -> int | None:
     """``None`` keeps every document; otherwise a positive ``int`` (``bool`` is refused)."""
     return check_optional_positive_int(top_n, name="top_n")
+
+
+def check_threshold(threshold: Any, *, name: str = "threshold") -> float | None:
+    """``None`` keeps every result; otherwise a finite real number, returned as ``float``.
+
+    A ``bool``, a ``str`` such as ``"0.5"`` or a list is a ``TypeError`` and NaN or an
+    infinity a ``ValueError``, each naming ``name``: NaN would silently keep nothing.
+    """
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number or None, got {type(threshold).__name__} {threshold!r}"
+        )
+    value = float(threshold)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {threshold!r}")
+    return value
 
 
 def check_optional_positive_int(value: Any, *, name: str) -> int | None:

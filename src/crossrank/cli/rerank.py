@@ -14,6 +14,7 @@ from rich.table import Table
 from crossrank.cli.common import Model, engine_command
 from crossrank.errors import ModelLoadError
 from crossrank.options import DEFAULT_MODEL, EngineOptions
+from crossrank.validation import check_threshold
 
 err_console = Console(stderr=True)
 
@@ -47,7 +48,10 @@ def rerank(
     ] = None,
     top_n: Annotated[int | None, typer.Option("--top-n", "-n", help="Keep the best N.")] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="Keep documents scoring at least this.")
+        float | None,
+        typer.Option(
+            "--threshold", "--score-threshold", help="Keep documents scoring at least this."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     *,
@@ -56,6 +60,10 @@ def rerank(
     """Rank documents for a query and print them best first."""
     from crossrank.engine import Reranker
 
+    try:
+        check_threshold(threshold)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--threshold") from None
     documents = _read_documents(docs, docs_file)
     if not documents:
         raise typer.BadParameter("no documents given (arguments, --docs-file or stdin)")

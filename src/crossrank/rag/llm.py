@@ -1,6 +1,10 @@
 """The LLM step: a prompt citing the reranked passages by id, sent to any OpenAI-compatible
 ``/chat/completions`` endpoint (vLLM, Ollama, llama.cpp server, a hosted API).
 
+The request goes through the ``openai`` SDK with ``base_url`` (what users of those servers
+already have): it brings retries with backoff on connection errors, 408/409/429 and 5xx, and
+timeouts, which a hand-written client lacked.
+
 Configured by environment variables; with none set, callers run a *dry run*: they show the
 exact prompt and no answer, so nothing made up is ever presented as an LLM's reply. The API
 key is sent only in the ``Authorization`` header and never logged, printed or put in errors.
@@ -14,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from crossrank.errors import LLMError
+from crossrank.errors import LLMError, require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class LLMConfig:
     model: str
     api_key: str | None = field(default=None, repr=False)
     timeout: float = 120.0
+    max_retries: int = 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LLMConfig | None:
@@ -72,28 +77,50 @@ def build_prompt(question: str, passages: Sequence[tuple[str, str]]) -> str:
     )
 
 
-def chat(messages: Sequence[Mapping[str, str]], config: LLMConfig, **params: Any) -> str:
-    """POST ``messages`` to ``{base_url}/chat/completions`` and return the reply text.
+def client(config: LLMConfig, http_client: Any = None) -> Any:
+    """An ``openai.OpenAI`` client for ``config`` (``http_client``: the SDK's HTTP client).
+    ``OPENAI_API_KEY`` is never read: only ``CROSSRANK_LLM_API_KEY`` counts."""
+    openai = require_extra("openai", "rag", feature="the RAG demo's LLM step")
+    return openai.OpenAI(
+        base_url=config.base_url,
+        api_key=config.api_key or "unused",  # the SDK needs one; its header is omitted
+        timeout=config.timeout,
+        max_retries=config.max_retries,
+        http_client=http_client,
+    )
+
+
+def chat(
+    messages: Sequence[Mapping[str, str]],
+    config: LLMConfig,
+    *,
+    http_client: Any = None,
+    **params: Any,
+) -> str:
+    """Send ``messages`` to ``{base_url}/chat/completions`` and return the reply text.
 
     ``params`` go into the request body (default ``temperature=0``).
     """
-    import httpx
+    import openai
 
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    body = {"model": config.model, "messages": list(messages), "temperature": 0, **params}
     url = f"{config.base_url}/chat/completions"
     logger.info("LLM request to %s (model %s)", url, config.model)
+    body = {"temperature": 0, **params}
+    if not config.api_key:  # no key: no Authorization header at all
+        body["extra_headers"] = {"Authorization": openai.Omit()}
     try:
-        response = httpx.post(url, json=body, headers=headers, timeout=config.timeout)
-    except httpx.HTTPError as err:
-        raise LLMError(f"could not reach the LLM endpoint {url}: {err}") from None
-    if response.status_code != 200:
-        raise LLMError(
-            f"LLM endpoint {url} answered HTTP {response.status_code}: {response.text[:300]}"
+        reply = client(config, http_client).chat.completions.create(
+            model=config.model, messages=list(messages), **body
         )
+    except openai.APIStatusError as err:
+        raise LLMError(
+            f"LLM endpoint {url} answered HTTP {err.status_code}: {err.response.text[:300]}"
+        ) from None
+    except openai.APIConnectionError as err:
+        raise LLMError(f"could not reach the LLM endpoint {url}: {err}") from None
     try:
-        return str(response.json()["choices"][0]["message"]["content"])
-    except (ValueError, KeyError, IndexError, TypeError):
+        return str(reply.choices[0].message.content)
+    except (AttributeError, IndexError, TypeError):
         raise LLMError(f"LLM endpoint {url} did not return a chat completion") from None
 
 
