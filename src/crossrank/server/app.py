@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
+from tokenizers import Tokenizer
 
 from crossrank import __version__
 from crossrank.batching import QueueFullError
@@ -203,30 +203,25 @@ class _LeftCutter:
     """Cuts texts from the left so that each pair with the query fits ``max_length`` (TEI's
     ``truncation_direction: "Left"``: a text keeps its last tokens).
 
-    It owns a copy of the tokenizer: the engine's is shared and keeps truncation state.
+    It owns a copy of the Rust tokenizer: the engine's is shared and keeps truncation state.
     """
 
     def __init__(self, tokenizer: PairTokenizer) -> None:
         self.pair = tokenizer
-        self._tokenizer = copy.deepcopy(tokenizer.tokenizer)
-        self._lock = threading.Lock()
+        self._tokenizer = Tokenizer.from_str(tokenizer.tokenizer.backend_tokenizer.to_str())
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
 
     def cut(self, query: str, texts: list[str]) -> list[str]:
         texts = scrub_surrogates(texts)
-        with self._lock:
-            enc = self._tokenizer(
-                scrub_surrogates([query]) + texts,
-                add_special_tokens=False,
-                return_offsets_mapping=True,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )
-        offsets = enc["offset_mapping"]
-        query_tokens = min(len(offsets[0]), self.pair.query_max_length)
+        encodings = self._tokenizer.encode_batch(
+            scrub_surrogates([query]) + texts, add_special_tokens=False
+        )
+        query_tokens = min(len(encodings[0].ids), self.pair.query_max_length)
         room = self.pair.max_length - self.pair.special_tokens_in_pair - query_tokens
         return [
-            text[spans[-room][0] :] if len(spans) > room else text
-            for text, spans in zip(texts, offsets[1:], strict=True)
+            text[enc.offsets[-room][0] :] if len(enc.ids) > room else text
+            for text, enc in zip(texts, encodings[1:], strict=True)
         ]
 
 
@@ -491,9 +486,10 @@ async def _score(
             await _refuse_overlong(reranker, query, texts, field)
         scored_texts = texts
         if cut_left:
-            cutter = state.left_cutter(reranker)
             loop = asyncio.get_running_loop()
-            scored_texts = await loop.run_in_executor(None, cutter.cut, query, texts)
+            scored_texts = await loop.run_in_executor(
+                None, lambda: state.left_cutter(reranker).cut(query, texts)
+            )
         return await reranker.ascore_raw(query, scored_texts, max_doc_tokens=max_doc_tokens)
 
     scored = await _guarded(
