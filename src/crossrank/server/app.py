@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
@@ -289,7 +289,7 @@ def _add_probe_routes(app: FastAPI, state: _ModelState, metrics: ServerMetrics) 
             raise HTTPException(503, state.why_not_ready(public=True), headers=retry)
         return {"status": "ready", "model": state.model_name}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
