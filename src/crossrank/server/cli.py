@@ -110,6 +110,43 @@ def serve(
         str | None,
         typer.Option(metavar="MIN:MAX", help="With --ray: scale between MIN and MAX replicas."),
     ] = None,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Name reported as 'model' in responses, /v1/models, /info and /ready (default: "
+            "the Hub id as given, or the model directory's base name; never a local path). "
+            "Repeat for aliases: the first is reported, all are listed.",
+            show_default=False,
+        ),
+    ] = None,
+    timeout_header: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a client may take to send the request line and headers (also the "
+            "most a new connection may stay silent); then 408 and the connection is closed.",
+        ),
+    ] = 10.0,
+    timeout_body: Annotated[
+        float,
+        typer.Option(
+            min=0.001, help="Seconds a client may take to send a request body; then a 408."
+        ),
+    ] = 60.0,
+    timeout_keep_alive: Annotated[
+        float,
+        typer.Option(min=0.001, help="Seconds an idle keep-alive connection stays open."),
+    ] = 5.0,
+    limit_concurrency: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Most concurrent connections and requests (beyond it, a 503 at once)."
+        ),
+    ] = 1024,
+    max_header_bytes: Annotated[
+        int,
+        typer.Option(min=256, help="Largest request line plus headers in bytes (more is a 431)."),
+    ] = 16 * 1024,
 ) -> None:
     """Serve a reranker over HTTP: Cohere/Jina (/v1/rerank, /v2/rerank) and TEI (/rerank)
     APIs, Prometheus /metrics, a web UI at /."""
@@ -121,15 +158,22 @@ def serve(
             err=True,
         )
         raise typer.Exit(1) from None
-    from crossrank.server.settings import ServerSettings
+    from crossrank.server.settings import ServerSettings, api_key_from_env
 
     logging.getLogger("crossrank").setLevel(logging.INFO)  # show loading and readiness
     try:
+        api_key = api_key_from_env(api_key)  # an empty key from any source: exit 2
         settings = ServerSettings(
             api_key=api_key,
             max_docs=max_docs,
             max_queue=max_queue,
             request_timeout=request_timeout,
+            served_model_name=tuple(served_model_name or ()),
+            timeout_header=timeout_header,
+            timeout_body=timeout_body,
+            timeout_keep_alive=timeout_keep_alive,
+            limit_concurrency=limit_concurrency,
+            max_header_bytes=max_header_bytes,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
