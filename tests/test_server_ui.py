@@ -4,7 +4,6 @@ green bars above 0.5 and red at or below, raw logits, indexes, the raw-values ta
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import numpy as np
