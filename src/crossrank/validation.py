@@ -9,18 +9,27 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
+#: Unicode categories that carry no visible text: controls (Cc), format characters such as
+#: zero-width spaces and joiners (Cf), and separators (Zs, Zl, Zp). The tokenizer drops them,
+#: so a query made only of them would be scored as an empty query.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 
 
 def check_query(query: Any, *, name: str = "query") -> str:
-    """Return ``query`` if it is a non-blank ``str``; raise ``TypeError``/``ValueError`` otherwise."""
+    """Return ``query`` if it is a ``str`` with visible text; raise ``TypeError``/``ValueError``
+    otherwise. Whitespace, control and zero-width characters alone are not visible text."""
     if not isinstance(query, str):
         raise TypeError(f"{name} must be a str, got {type(query).__name__}")
-    if not query.strip():
-        raise ValueError(f"{name} must not be empty or whitespace only")
+    if not query.strip() or all(unicodedata.category(c) in _INVISIBLE for c in query):
+        raise ValueError(
+            f"{name} must not be empty or whitespace only (control and zero-width characters "
+            "count as whitespace)"
+        )
     return query
 
 

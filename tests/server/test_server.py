@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import uuid
 
@@ -51,6 +52,11 @@ def auth_server(tiny_reranker):
         yield srv
 
 
+def served(reranker) -> str:
+    """The name the server reports: a local directory's base name, never its path."""
+    return os.path.basename(reranker.model_name)
+
+
 def post(srv, path: str, body, **kw) -> httpx.Response:
     return httpx.post(srv.url + path, json=body, timeout=60, **kw)
 
@@ -70,7 +76,7 @@ def test_cohere_shape_scores_order_and_usage(server, reranker, path):
     assert r.status_code == 200, r.text
     body = r.json()
     uuid.UUID(body["id"])
-    assert body["model"] == reranker.model_name
+    assert body["model"] == served(reranker)
     want = expected(reranker)
     results = body["results"]
     assert sorted(x["index"] for x in results) == list(range(len(DOCS)))
@@ -79,7 +85,7 @@ def test_cohere_shape_scores_order_and_usage(server, reranker, path):
         assert item["relevance_score"] == pytest.approx(float(want[item["index"]]), abs=1e-5)
     assert_best_first([x["relevance_score"] for x in results])
     tokens = reranker.encode([QUERY] * len(DOCS), DOCS).total_tokens
-    assert body["usage"] == {"total_tokens": tokens}
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
 def test_document_objects_top_n_documents_and_raw_scores(server, reranker):
@@ -191,7 +197,7 @@ def test_tei_truncate_false_refuses_overlong_pairs(server, reranker):
         ("/rerank", {"query": QUERY, "texts": ["a", None]}, 422, "texts[1]: "),
         (
             "/rerank",
-            {"query": QUERY, "texts": ["a"], "truncation_direction": "Left"},
+            {"query": QUERY, "texts": ["a"], "truncation_direction": "Up"},
             422,
             "truncation_direction",
         ),
@@ -248,10 +254,10 @@ def test_health_ready_models_docs_and_page(server, reranker):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert httpx.get(server.url + "/ready").json() == {
         "status": "ready",
-        "model": reranker.model_name,
+        "model": served(reranker),
     }
     models = httpx.get(server.url + "/v1/models").json()
-    assert models["data"][0]["id"] == reranker.model_name
+    assert models["data"][0]["id"] == served(reranker)
     assert httpx.get(server.url + "/docs").status_code == 200
     paths = httpx.get(server.url + "/openapi.json").json()["paths"]
     assert {"/v1/rerank", "/v2/rerank", "/rerank", "/health", "/ready"} <= set(paths)
@@ -395,7 +401,10 @@ def test_failed_load_is_reported():
     with BackgroundServer(create_app(factory, on_load_error=errors.append)) as srv:
         wait_until(lambda: errors, what="the load error")
         assert isinstance(errors[0], ModelLoadError)
-        r = httpx.get(srv.url + "/ready")
+        r = httpx.get(srv.url + "/ready")  # needs no key: the reason (maybe a path) is left out
+        assert r.status_code == 503 and "failed to load" in r.json()["message"]
+        assert "nowhere" not in r.text
+        r = post(srv, "/v2/rerank", {"query": QUERY, "documents": DOCS})
         assert r.status_code == 503
         assert "failed to load: no such model" in r.json()["message"]
         assert httpx.get(srv.url + "/health").status_code == 200

@@ -7,7 +7,7 @@ here. The server (FastAPI, uvicorn) and Ray are imported only when the command r
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -48,6 +48,43 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(min=0.001, help="Seconds a rerank request may take (then a 504).")
     ] = 120.0,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Name reported as 'model' in responses, /v1/models, /info and /ready (default: "
+            "the Hub id as given, or the model directory's base name; never a local path). "
+            "Repeat for aliases: the first is reported, all are listed.",
+            show_default=False,
+        ),
+    ] = None,
+    timeout_header: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a client may take to send the request line and headers (also the "
+            "most a new connection may stay silent); then 408 and the connection is closed.",
+        ),
+    ] = 10.0,
+    timeout_body: Annotated[
+        float,
+        typer.Option(
+            min=0.001, help="Seconds a client may take to send a request body; then a 408."
+        ),
+    ] = 60.0,
+    timeout_keep_alive: Annotated[
+        float,
+        typer.Option(min=0.001, help="Seconds an idle keep-alive connection stays open."),
+    ] = 5.0,
+    limit_concurrency: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Most concurrent connections and requests (beyond it, a 503 at once)."
+        ),
+    ] = 1024,
+    max_header_bytes: Annotated[
+        int,
+        typer.Option(min=256, help="Largest request line plus headers in bytes (more is a 431)."),
+    ] = 16 * 1024,
     use_ray: Annotated[
         bool,
         typer.Option(
@@ -76,8 +113,19 @@ def serve(
     except MissingExtraError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    settings = _settings(api_key, max_docs, max_queue, request_timeout)
-    _warn_if_open(host, api_key)
+    settings = _settings(
+        api_key,
+        max_docs=max_docs,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        served_model_name=tuple(served_model_name or ()),
+        timeout_header=timeout_header,
+        timeout_body=timeout_body,
+        timeout_keep_alive=timeout_keep_alive,
+        limit_concurrency=limit_concurrency,
+        max_header_bytes=max_header_bytes,
+    )
+    _warn_if_open(host, settings.api_key)
     if use_ray:
         _serve_on_ray(model, host, port, replicas, autoscale, settings, engine)
         return
@@ -95,19 +143,14 @@ def serve(
         raise typer.Exit(code)
 
 
-def _settings(
-    api_key: str | None, max_docs: int, max_queue: int, request_timeout: float
-) -> ServerSettings:
-    from crossrank.server.settings import ServerSettings
+def _settings(api_key: str | None, **limits: Any) -> ServerSettings:
+    """The server's settings; an empty or blank key from any source is a usage error (exit 2:
+    fail closed rather than serve without auth)."""
+    from crossrank.server.settings import ServerSettings, api_key_from_env
 
     logging.getLogger("crossrank").setLevel(logging.INFO)  # show loading and readiness
     try:
-        return ServerSettings(
-            api_key=api_key,
-            max_docs=max_docs,
-            max_queue=max_queue,
-            request_timeout=request_timeout,
-        )
+        return ServerSettings(api_key=api_key_from_env(api_key), **limits)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
 

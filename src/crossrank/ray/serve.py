@@ -119,6 +119,12 @@ def _env_secret(name: str | None) -> SecretStr | None:
     return SecretStr(value) if value else None
 
 
+def _env_api_key() -> SecretStr | None:
+    """``$CROSSRANK_API_KEY``, an empty value included (refused by the schema: fail closed)."""
+    value = os.environ.get(API_KEY_ENV)
+    return None if value is None else SecretStr(value)
+
+
 def _engine_field(option: OptionField) -> tuple[Any, Any]:
     """The schema field of one engine option; a secret one is a ``SecretStr`` that defaults
     to its environment variable, read where the app is built."""
@@ -169,10 +175,18 @@ class RerankAppArgs(_EngineArgs):  # type: ignore[misc,valid-type]
     max_queue: PositiveInt = 10_000
     request_timeout: PositiveFloat = 120.0
     api_key: SecretStr | None = Field(
-        default_factory=functools.partial(_env_secret, API_KEY_ENV),
+        default_factory=lambda: _env_api_key(),
+        validate_default=True,
         description=f"Require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, read "
         "where the app is built, so a config file need not hold the secret).",
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _refuse_blank_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("api_key is set but empty; set a key, or unset it to disable auth")
+        return value
 
     @field_validator("autoscale", mode="before")
     @classmethod

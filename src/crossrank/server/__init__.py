@@ -1,7 +1,7 @@
 """The rerank HTTP server (``crossrank serve``; needs the ``server`` extra).
 
 ``create_app`` and ``ServerSettings`` are imported lazily so that importing the command
-(``crossrank.server.cli``) does not require FastAPI until the server actually starts.
+(``crossrank.cli.serve``) does not require FastAPI until the server actually starts.
 """
 
 from __future__ import annotations

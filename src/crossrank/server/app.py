@@ -1,4 +1,5 @@
-"""The FastAPI app: Cohere/Jina/TEI-compatible rerank routes over the engine's async path.
+"""The FastAPI app: Cohere/Jina, Infinity and TEI-compatible rerank routes over the engine's
+async path.
 
 The HTTP layer never touches the model. Each request is validated and scored with
 :meth:`Reranker.ascore_raw`, the engine's async path (score cache and chunk mode included),
@@ -9,6 +10,11 @@ model.
 
 The model is loaded (when a factory is given) and warmed up in a background thread, so
 ``/health`` answers at once and ``/ready`` turns 200 only when scoring is possible.
+
+No input may produce a 5xx (issue 13): bad input is a 4xx naming it; a request that can never
+fit the queue is a 413, not a 429; a model that yields a non-finite score is a 424 (TEI's
+status for a failed inference) counted in ``crossrank_nonfinite_scores_total``, never a
+silent ``null``. Responses name the model by its served name, never a local path.
 """
 
 from __future__ import annotations
@@ -17,38 +23,54 @@ import asyncio
 import contextlib
 import logging
 import threading
-import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from importlib import resources
 from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
+from tokenizers import Tokenizer
 
 from crossrank import __version__
 from crossrank.batching import QueueFullError
 from crossrank.engine import Reranker
-from crossrank.result import sigmoid, to_results
+from crossrank.server.connections import install_access_log_redaction
 from crossrank.server.metrics import ServerMetrics
 from crossrank.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from crossrank.server.responses import (
+    SafeJSONResponse,
+    cohere_response,
+    infinity_response,
+    tei_predictions,
+    tei_ranks,
+)
 from crossrank.server.schemas import (
     AnyRerankRequest,
-    DocumentText,
     ErrorBody,
+    InfinityModelCard,
+    InfinityModelList,
+    InfinityRerankResponse,
     ModelCard,
     ModelList,
+    PredictInputError,
     RerankRequest,
     RerankResponse,
-    RerankResultItem,
+    TEIClassifier,
+    TEIErrorBody,
+    TEIInfo,
+    TEIModelType,
+    TEIPrediction,
+    TEIPredictRequest,
     TEIRank,
     TEIRerankRequest,
-    Usage,
 )
 from crossrank.server.settings import ServerSettings
-from crossrank.validation import check_query
+from crossrank.tokenization import PairTokenizer
+from crossrank.validation import check_query, scrub_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +78,24 @@ RerankerSource = Reranker | Callable[[], Reranker]
 """A loaded :class:`Reranker` (the caller keeps ownership) or a factory the app calls."""
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "client went away"; it is never delivered
+#: TEI's status for a failed inference; used for a non-finite model score.
+MODEL_FAULT = 424
 
-_PROTECTED = ("/v1/rerank", "/v2/rerank", "/rerank", "/v1/models")
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 413, 422, 429, 503, 504)
-}
+_PROTECTED = (
+    "/v1/rerank",
+    "/v2/rerank",
+    "/rerank",
+    "/predict",
+    "/v1/models",
+    "/models",
+    "/info",
+)
+_TEI_PATHS = ("/predict", "/info")
+_STATUSES = (400, 401, 408, 413, 422, 424, 429, 503, 504)
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in _STATUSES}
+_TEI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": TEIErrorBody} for code in _STATUSES}
+#: TEI's ``error_type`` for each status crossrank answers with.
+_TEI_ERROR_TYPES = {424: "backend", 429: "overloaded", 503: "unhealthy", 504: "backend"}
 T = TypeVar("T")
 
 
@@ -81,11 +116,26 @@ class _ModelState:
         self.reranker: Reranker | None = None
         self.error: BaseException | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._left_cutter: _LeftCutter | None = None
+        self._left_lock = threading.Lock()
 
     @property
     def model_name(self) -> str:
+        """The served name: never a local path (see :meth:`ServerSettings.served_name`)."""
         assert self.reranker is not None
-        return self.settings.model_name or self.reranker.model_name
+        return self.settings.served_name(self.reranker.model_name)
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name the model is served under, the reported one first."""
+        return list(self.settings.served_model_name) or [self.model_name]
+
+    def left_cutter(self, reranker: Reranker) -> _LeftCutter:
+        """The cutter for TEI's ``truncation_direction: Left`` (built on first use)."""
+        with self._left_lock:
+            if self._left_cutter is None:
+                self._left_cutter = _LeftCutter(reranker.tokenizer)
+            return self._left_cutter
 
     def start_loading(self) -> None:
         """Load and warm up in a daemon thread (a slow load never blocks start or shutdown)."""
@@ -137,11 +187,44 @@ class _ModelState:
         """The ready reranker, or a 503 saying why there is none."""
         if self.reranker is not None:
             return self.reranker
-        if self.error is not None:
-            message = f"the model failed to load: {self.error}"
-        else:
-            message = "the model is loading; retry when GET /ready answers 200"
-        raise HTTPException(503, message, headers={"Retry-After": str(self.settings.retry_after)})
+        raise HTTPException(
+            503, self.why_not_ready(), headers={"Retry-After": str(self.settings.retry_after)}
+        )
+
+    def why_not_ready(self, *, public: bool = False) -> str:
+        """Why there is no reranker; ``public`` (``/ready``, which needs no key) leaves out
+        the load error, which may name local paths (it is in the server log)."""
+        if self.error is None:
+            return "the model is loading; retry when GET /ready answers 200"
+        if public:
+            return "the model failed to load; the server log has the reason"
+        return f"the model failed to load: {self.error}"
+
+
+class _LeftCutter:
+    """Cuts texts from the left so that each pair with the query fits ``max_length`` (TEI's
+    ``truncation_direction: "Left"``: a text keeps its last tokens).
+
+    It owns a copy of the Rust tokenizer: the engine's is shared and keeps truncation state.
+    """
+
+    def __init__(self, tokenizer: PairTokenizer) -> None:
+        self.pair = tokenizer
+        self._tokenizer = Tokenizer.from_str(tokenizer.tokenizer.backend_tokenizer.to_str())
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+
+    def cut(self, query: str, texts: list[str]) -> list[str]:
+        texts = scrub_surrogates(texts)
+        encodings = self._tokenizer.encode_batch(
+            scrub_surrogates([query]) + texts, add_special_tokens=False
+        )
+        query_tokens = min(len(encodings[0].ids), self.pair.query_max_length)
+        room = self.pair.max_length - self.pair.special_tokens_in_pair - query_tokens
+        return [
+            text[enc.offsets[-room][0] :] if len(enc.ids) > room else text
+            for text, enc in zip(texts, encodings[1:], strict=True)
+        ]
 
 
 def create_app(
@@ -161,6 +244,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_access_log_redaction()
         state.start_loading()
         try:
             yield
@@ -170,13 +254,18 @@ def create_app(
     app = FastAPI(
         title="crossrank",
         version=__version__,
-        summary="Cross-encoder reranking with Cohere, Jina and TEI compatible routes.",
+        summary="Cross-encoder reranking with Cohere, Jina, Infinity and TEI compatible routes.",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
     app.state.crossrank = state
     _add_error_handlers(app)
-    _add_routes(app, state, settings, metrics)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    _add_probe_routes(app, state, metrics)
+    _add_rerank_routes(app, state, settings)
+    _add_tei_routes(app, state, settings)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.timeout_body
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, protected=_PROTECTED)
     routes = frozenset(getattr(route, "path", "") for route in app.routes)
@@ -184,9 +273,7 @@ def create_app(
     return app
 
 
-def _add_routes(
-    app: FastAPI, state: _ModelState, settings: ServerSettings, metrics: ServerMetrics
-) -> None:
+def _add_probe_routes(app: FastAPI, state: _ModelState, metrics: ServerMetrics) -> None:
     page = resources.files("crossrank.server").joinpath("static/index.html").read_text("utf-8")
 
     @app.get("/", include_in_schema=False)
@@ -199,45 +286,104 @@ def _add_routes(
 
     @app.get("/ready", summary="The model is loaded and warmed up", responses=_ERRORS)
     async def ready() -> dict[str, str]:
-        state.require()
+        if state.reranker is None:
+            retry = {"Retry-After": str(state.settings.retry_after)}
+            raise HTTPException(503, state.why_not_ready(public=True), headers=retry)
         return {"status": "ready", "model": state.model_name}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models", summary="The served model", responses=_ERRORS)
+    @app.get("/v1/models", summary="The served model (OpenAI style)", responses=_ERRORS)
     async def models() -> ModelList:
         state.require()
-        return ModelList(data=[ModelCard(id=state.model_name)])
+        return ModelList(data=[ModelCard(id=name) for name in state.served_names])
 
-    async def cohere(body: RerankRequest, request: Request) -> RerankResponse:
-        return await _cohere_rerank(body, request, state, settings)
+    started = int(time.time())
 
-    for path in ("/v1/rerank", "/v2/rerank"):
+    @app.get("/models", summary="The served model (Infinity style)", responses=_ERRORS)
+    async def infinity_models() -> InfinityModelList:
+        state.require()
+        return InfinityModelList(
+            data=[InfinityModelCard(id=name, created=started) for name in state.served_names]
+        )
+
+
+def _add_rerank_routes(app: FastAPI, state: _ModelState, settings: ServerSettings) -> None:
+    def cohere(version: str) -> Callable[..., Awaitable[Any]]:
+        async def route(body: RerankRequest, request: Request) -> Any:
+            scored = await _score_documents(body, request, state, settings)
+            if scored is None:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            texts, raw, tokens = scored
+            return cohere_response(body, texts, raw, tokens, state.model_name, version)
+
+        return route
+
+    for version in ("1", "2"):
         app.post(
-            path,
-            summary="Rerank documents (Cohere / Jina API)",
+            f"/v{version}/rerank",
+            summary=f"Rerank documents (Cohere v{version} / Jina API)",
+            response_model=RerankResponse,
             response_model_exclude_none=True,
             responses=_ERRORS,
-        )(cohere)
+        )(cohere(version))
 
     @app.post(
         "/rerank",
-        summary="Rerank documents (Cohere / Jina body, or Hugging Face TEI body with texts)",
-        response_model=RerankResponse | list[TEIRank],
+        summary="Rerank documents: Infinity body (documents), or Hugging Face TEI body (texts)",
+        response_model=InfinityRerankResponse | list[TEIRank],
         response_model_exclude_none=True,
         responses=_ERRORS,
     )
     async def rerank(body: AnyRerankRequest, request: Request) -> Any:
         if isinstance(body, TEIRerankRequest):
             return await _tei_rerank(body, request, state, settings)
-        return await _cohere_rerank(body, request, state, settings)
+        scored = await _score_documents(body, request, state, settings)
+        if scored is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        texts, raw, tokens = scored
+        return infinity_response(body, texts, raw, tokens, state.model_name)
 
 
-async def _cohere_rerank(
+def _add_tei_routes(app: FastAPI, state: _ModelState, settings: ServerSettings) -> None:
+    @app.get("/info", summary="The served model and limits (TEI)", responses=_TEI_ERRORS)
+    async def info(request: Request) -> TEIInfo:
+        request.state.tei = True
+        reranker = state.require()
+        labels = ["LABEL_0"] if reranker.num_labels == 1 else ["LABEL_0", "LABEL_1"]
+        return TEIInfo(
+            model_id=state.model_name,
+            model_dtype=str(reranker.dtype).removeprefix("torch."),
+            model_type=TEIModelType(
+                reranker=TEIClassifier(
+                    id2label={str(i): label for i, label in enumerate(labels)},
+                    label2id={label: i for i, label in enumerate(labels)},
+                )
+            ),
+            max_concurrent_requests=settings.limit_concurrency,
+            max_input_length=reranker.tokenizer.max_length,
+            max_batch_tokens=reranker.batch_tokens,
+            max_client_batch_size=settings.max_docs,
+            tokenization_workers=1,
+            version=__version__,
+        )
+
+    @app.post(
+        "/predict",
+        summary="Score (query, text) pairs (TEI predict)",
+        response_model=list[TEIPrediction] | list[list[TEIPrediction]],
+        responses=_TEI_ERRORS,
+    )
+    async def predict(body: TEIPredictRequest, request: Request) -> Any:
+        request.state.tei = True
+        return await _tei_predict(body, request, state, settings)
+
+
+async def _score_documents(
     body: RerankRequest, request: Request, state: _ModelState, settings: ServerSettings
-) -> Any:
+) -> tuple[list[str], np.ndarray, int] | None:
     texts = body.texts()
     scored = await _score(
         request,
@@ -249,29 +395,13 @@ async def _cohere_rerank(
         max_doc_tokens=body.max_tokens_per_doc,
         refuse_truncation=False,
     )
-    if scored is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    raw, tokens = scored
-    results = [
-        RerankResultItem(
-            index=r.index,
-            relevance_score=r.score,
-            raw_score=float(raw[r.index]) if body.return_raw_scores else None,
-            document=DocumentText(text=r.document) if body.return_documents else None,
-        )
-        for r in to_results(texts, sigmoid(raw), top_n=body.top_n)
-    ]
-    return RerankResponse(
-        id=str(uuid.uuid4()),
-        model=state.model_name,
-        results=results,
-        usage=Usage(total_tokens=tokens),
-    )
+    return None if scored is None else (texts, *scored)
 
 
 async def _tei_rerank(
     body: TEIRerankRequest, request: Request, state: _ModelState, settings: ServerSettings
 ) -> Any:
+    request.state.tei = True
     scored = await _score(
         request,
         state,
@@ -281,15 +411,54 @@ async def _tei_rerank(
         field="texts",
         max_doc_tokens=None,
         refuse_truncation=body.truncate is False,
+        cut_left=body.truncation_direction.lower() == "left",
     )
     if scored is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     raw, _ = scored
-    scores = raw if body.raw_scores else sigmoid(raw)
-    return [
-        TEIRank(index=r.index, score=r.score, text=r.document if body.return_text else None)
-        for r in to_results(body.texts, scores)
-    ]
+    return tei_ranks(body.texts, raw, raw_scores=body.raw_scores, return_text=body.return_text)
+
+
+async def _tei_predict(
+    body: TEIPredictRequest, request: Request, state: _ModelState, settings: ServerSettings
+) -> Any:
+    reranker = state.require()
+    try:
+        pairs, batch = body.pairs()
+        if not pairs:
+            raise ValueError("inputs must not be empty")
+        for i, (query, _) in enumerate(pairs):
+            check_query(query, name=f"inputs[{i}][0]" if batch else "inputs[0]")
+    except PredictInputError as err:
+        raise HTTPException(422, str(err)) from None
+    except ValueError as err:
+        raise HTTPException(400, str(err)) from None
+    _check_count(len(pairs), settings, "inputs")
+    queries, texts = [q for q, _ in pairs], [t for _, t in pairs]
+    raw = await _guarded(
+        request,
+        settings,
+        lambda: reranker.ascore_pairs(pairs, normalize=False),
+        lambda: _rows_needed(reranker, queries, texts, None),
+        field="inputs",
+    )
+    if raw is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    _check_finite(raw, "inputs", state.metrics)
+    label = "LABEL_0" if reranker.num_labels == 1 else "LABEL_1"
+    predictions = tei_predictions(raw, raw_scores=body.raw_scores, label=label)
+    return predictions if batch else predictions[0]
+
+
+def _check_count(count: int, settings: ServerSettings, field: str) -> None:
+    if not count:
+        raise HTTPException(400, f"{field} must not be empty")
+    if count > settings.max_docs:
+        raise HTTPException(
+            413,
+            f"{field} has {count} items, more than this server's limit of "
+            f"{settings.max_docs} (--max-docs)",
+        )
 
 
 async def _score(
@@ -302,6 +471,7 @@ async def _score(
     field: str,
     max_doc_tokens: int | None,
     refuse_truncation: bool,
+    cut_left: bool = False,
 ) -> tuple[np.ndarray, int] | None:
     """Raw scores of ``texts`` (request order) and the tokens scored; ``None`` when the client
     disconnected first. Limits and readiness are checked before any tokenization."""
@@ -310,25 +480,56 @@ async def _score(
         check_query(query)
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
-    if not texts:
-        raise HTTPException(400, f"{field} must not be empty")
-    if len(texts) > settings.max_docs:
-        raise HTTPException(
-            413,
-            f"{field} has {len(texts)} items, more than this server's limit of "
-            f"{settings.max_docs} (--max-docs)",
-        )
+    _check_count(len(texts), settings, field)
+    cut_left = cut_left and not reranker.long_docs.chunked  # chunk mode never cuts a text
 
     async def work() -> tuple[np.ndarray, int]:
         if refuse_truncation:
             await _refuse_overlong(reranker, query, texts, field)
-        return await reranker.ascore_raw(query, texts, max_doc_tokens=max_doc_tokens)
+        scored_texts = texts
+        if cut_left:
+            loop = asyncio.get_running_loop()
+            scored_texts = await loop.run_in_executor(
+                None, lambda: state.left_cutter(reranker).cut(query, texts)
+            )
+        return await reranker.ascore_raw(query, scored_texts, max_doc_tokens=max_doc_tokens)
 
+    scored = await _guarded(
+        request,
+        settings,
+        work,
+        lambda: _rows_needed(reranker, [query] * len(texts), texts, max_doc_tokens),
+        field=field,
+    )
+    if scored is not None:
+        _check_finite(scored[0], field, state.metrics)
+    return scored
+
+
+async def _guarded(
+    request: Request,
+    settings: ServerSettings,
+    work: Callable[[], Awaitable[T]],
+    rows_needed: Callable[[], Awaitable[int]],
+    *,
+    field: str,
+) -> T | None:
+    """Run ``work`` under the request timeout; ``None`` if the client left first (``work``
+    is then cancelled). Maps the engine's refusals to statuses: queue full (429, or 413 when
+    the request alone needs more rows than the queue holds) and timeout (504)."""
     try:
         return await _unless_disconnected(
             request, asyncio.wait_for(work(), settings.request_timeout)
         )
     except QueueFullError as err:
+        needed = await asyncio.wait_for(rows_needed(), settings.request_timeout)
+        if needed > settings.max_queue:
+            raise HTTPException(
+                413,
+                f"{field} needs {needed} pairs scored (a long document counts one per window), "
+                f"more than this server's queue limit of {settings.max_queue} (--max-queue); "
+                "send fewer or shorter documents",
+            ) from None
         retry = {"Retry-After": str(settings.retry_after)}
         raise HTTPException(429, f"server busy, retry later: {err}", headers=retry) from None
     except asyncio.TimeoutError:
@@ -337,6 +538,35 @@ async def _score(
             f"scoring took longer than this server's limit of {settings.request_timeout} s "
             "(--request-timeout)",
         ) from None
+
+
+async def _rows_needed(
+    reranker: Reranker, queries: list[str], texts: list[str], max_doc_tokens: int | None
+) -> int:
+    """How many rows (pairs, or windows in chunk mode) scoring these pairs takes."""
+
+    def count() -> int:
+        docs = texts
+        if max_doc_tokens is not None:
+            docs = reranker.tokenizer.cap_documents(docs, max_doc_tokens)
+        return len(reranker.encode(queries, docs))
+
+    return await asyncio.get_running_loop().run_in_executor(None, count)
+
+
+def _check_finite(raw: np.ndarray, field: str, metrics: ServerMetrics) -> None:
+    """A 424 naming the first item whose score is NaN or infinite: a fault of the model or
+    the device (overflow in half precision, broken weights), never sent as ``null``."""
+    bad = np.flatnonzero(~np.isfinite(raw))
+    if not len(bad):
+        return
+    metrics.nonfinite_scores.inc(len(bad))
+    logger.error("the model produced %d non-finite scores of %d", len(bad), len(raw))
+    raise HTTPException(
+        MODEL_FAULT,
+        f"the model produced a non-finite score for {field}[{int(bad[0])}] ({len(bad)} of "
+        f"{len(raw)} scores): a fault of the model or its device, not of the request",
+    )
 
 
 async def _refuse_overlong(reranker: Reranker, query: str, texts: list[str], field: str) -> None:
@@ -383,24 +613,37 @@ async def _disconnected(request: Request) -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def error(status: int, message: str, detail: Any = None, **kw: Any) -> JSONResponse:
-        body = {"message": message, "detail": message if detail is None else detail}
-        return JSONResponse(body, status_code=status, **kw)
+    def error(
+        request: Request, status: int, message: str, detail: Any = None, **kw: Any
+    ) -> JSONResponse:
+        body: dict[str, Any] = {"message": message, "detail": message if detail is None else detail}
+        if _is_tei(request):
+            error_type = _TEI_ERROR_TYPES.get(status, "validation")
+            body = {"error": message, "error_type": error_type, **body}
+        return SafeJSONResponse(body, status_code=status, **kw)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
+        if isinstance(exc.body, dict) and "texts" in exc.body:
+            request.state.tei = True
         message = "; ".join(_describe(e) for e in errors[:5])
-        return error(422, message, [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors])
+        detail = [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]
+        return error(request, 422, message, detail)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail), headers=exc.headers)
+        return error(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("request to %s failed", request.url.path)
-        return error(500, "internal server error; the server log has the details")
+        return error(request, 500, "internal server error; the server log has the details")
+
+
+def _is_tei(request: Request) -> bool:
+    """Whether the request is a TEI one: its errors then use TEI's body shape."""
+    return request.url.path in _TEI_PATHS or bool(getattr(request.state, "tei", False))
 
 
 def _describe(error: Any) -> str:

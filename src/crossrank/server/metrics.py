@@ -73,6 +73,11 @@ class ServerMetrics:
             "(query, document) pairs scored by the model.",
             registry=self.registry,
         )
+        self.nonfinite_scores = Counter(
+            "crossrank_nonfinite_scores",
+            "Scores the model returned as NaN or infinite (each failed its request with a 424).",
+            registry=self.registry,
+        )
         self.ready = Gauge(
             "crossrank_model_ready",
             "1 once the model is loaded and warmed up.",

@@ -1,12 +1,14 @@
-"""Pure ASGI middleware: request metrics, API-key checks and the request body limit.
+"""Pure ASGI middleware: request metrics, API-key checks and the request body limits.
 
 All run before the body is parsed, so an unauthenticated client never gets its body parsed
-(it learns nothing about the schema), an oversized body is refused as it arrives, and every
-response, errors included, is counted.
+(it learns nothing about the schema), an oversized body is refused as it arrives, a body
+that trickles in too slowly is cut off (408), and every response, errors included, is
+counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -59,16 +61,29 @@ class BodyTooLargeError(HTTPException):
         super().__init__(413, f"request body is larger than this server's limit of {limit} bytes")
 
 
-class BodyLimitMiddleware:
-    """Refuse bodies over ``limit`` bytes: at once from ``Content-Length``, else while reading.
+class BodyTimeoutError(HTTPException):
+    """The request body did not arrive within the server's limit (raised while reading it)."""
 
-    The second case raises :class:`BodyTooLargeError` from ``receive``; FastAPI re-raises
-    HTTP exceptions met while reading a body, so the app's JSON error handler answers it.
+    def __init__(self, timeout: float) -> None:
+        super().__init__(
+            408, f"the request body did not arrive within this server's limit of {timeout} s"
+        )
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``limit`` bytes (at once from ``Content-Length``, else while
+    reading) or not complete within ``timeout`` seconds of the first read.
+
+    While reading, :class:`BodyTooLargeError` or :class:`BodyTimeoutError` is raised from
+    ``receive``; FastAPI re-raises HTTP exceptions met while reading a body, so the app's
+    JSON error handler answers it. Once the body is complete, ``receive`` is passed through
+    untimed (the app then waits on it for a disconnect).
     """
 
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+    def __init__(self, app: ASGIApp, *, limit: int, timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,12 +94,23 @@ class BodyLimitMiddleware:
                 await _send_json(send, 413, BodyTooLargeError(self.limit).detail)
                 return
         received = 0
+        complete = False
+        deadline: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete, deadline
+            if complete or self.timeout is None:
+                message = await receive()
+            else:
+                loop = asyncio.get_running_loop()
+                deadline = deadline or loop.time() + self.timeout
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+                except asyncio.TimeoutError:
+                    raise BodyTimeoutError(self.timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.limit:
                     raise BodyTooLargeError(self.limit)
             return message

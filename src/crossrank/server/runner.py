@@ -1,7 +1,9 @@
 """Run the app on uvicorn: bind, serve, shut down gracefully, exit non-zero on a failed load.
 
 On SIGINT/SIGTERM uvicorn stops accepting connections, lets in-flight requests finish, then
-runs the app's shutdown (which stops the forward-pass worker).
+runs the app's shutdown (which stops the forward-pass worker). The settings' connection
+limits (header, body and keep-alive timeouts, concurrency, header size) are applied to
+uvicorn here; see :mod:`crossrank.server.connections`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import httpx
 import uvicorn
 
 from crossrank.server.app import RerankerSource, create_app
+from crossrank.server.connections import install_access_log_redaction, uvicorn_config_options
 from crossrank.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -38,7 +41,11 @@ def run_server(
             server.should_exit = True
 
     app = create_app(reranker_or_factory, settings, on_load_error=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, **uvicorn_config_options(settings)
+    )
+    install_access_log_redaction()  # after uvicorn configured its loggers
+    server = uvicorn.Server(config)
     logger.info("API key auth is %s", "on" if settings.api_key else "off")
     server.run()
     return 1 if failures else 0
@@ -48,14 +55,22 @@ class BackgroundServer:
     """Serve an app on uvicorn from a daemon thread: for tests, notebooks and benchmarks.
 
     ``port=0`` picks a free port; :attr:`url` says which. Use as a context manager, or call
-    :meth:`start` and :meth:`stop`. Stopping is graceful, as on SIGTERM.
+    :meth:`start` and :meth:`stop`. Stopping is graceful, as on SIGTERM. ``settings`` gives
+    the connection limits (the defaults of :class:`ServerSettings` otherwise).
     """
 
     def __init__(
-        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        settings: ServerSettings | None = None,
     ) -> None:
+        options = uvicorn_config_options(settings or ServerSettings())
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+            uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **options)
         )
         self._thread = threading.Thread(
             target=self.server.run, name="crossrank-server", daemon=True
