@@ -113,7 +113,7 @@ def test_default_models_fail_fast_without_the_hub(
     loader would retry each file for tens of seconds)."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr("crossrank.loading.hub_reachable", lambda: False)
 
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model loader was called although the Hub is unreachable")

@@ -13,15 +13,18 @@ from rich.console import Console
 from rich.table import Table
 
 from crossrank.engine import DEFAULT_MODEL
-from crossrank.loading import ModelLoadError
+from crossrank.loading import ModelLoadError, set_local_model_hint
+from crossrank.quiet import quiet_third_party
 from crossrank.rag.cli import demo, eval_command
 from crossrank.score_file import score_file
 from crossrank.server.cli import serve
+from crossrank.terminal import output_console
 
 app = typer.Typer(
     help="crossrank: fast cross-encoder reranking for RAG pipelines.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # joins a docstring's lines: help that reads whole
 )
 err_console = Console(stderr=True)
 
@@ -78,6 +81,8 @@ def rerank(
     """Rank documents for a query and print them best first."""
     from crossrank.engine import Reranker
 
+    quiet_third_party()
+    set_local_model_hint("--model PATH")
     documents = _read_documents(docs, docs_file)
     if not documents:
         raise typer.BadParameter("no documents given (arguments, --docs-file or stdin)")
@@ -105,7 +110,7 @@ def rerank(
     for rank, result in enumerate(results, 1):
         preview = result.document if len(result.document) <= 200 else result.document[:200] + "…"
         table.add_row(str(rank), f"{result.score:.4f}", str(result.index), preview)
-    Console().print(table)
+    output_console().print(table)
 
 
 # Commands defined beside their features; their heavy dependencies load only when they run.

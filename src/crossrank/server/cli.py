@@ -9,7 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from crossrank.engine import DEFAULT_MODEL, Reranker, check_options
+from crossrank.loading import set_local_model_hint
 from crossrank.options import Aggregate, Backend, LongDocsMode
+from crossrank.quiet import quiet_third_party
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: Engine parameters whose command-line option is not ``--`` plus the dashed name.
@@ -123,6 +125,8 @@ def serve(
         raise typer.Exit(1) from None
     from crossrank.server.settings import ServerSettings
 
+    quiet_third_party()
+    set_local_model_hint("--model PATH")
     logging.getLogger("crossrank").setLevel(logging.INFO)  # show loading and readiness
     try:
         settings = ServerSettings(
