@@ -13,6 +13,9 @@ install_crossrank() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   local index=()
   [ -z "${CROSSRANK_TORCH_INDEX:-}" ] || index=(--extra-index-url "$CROSSRANK_TORCH_INDEX")
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${index[@]}" \
-    -c constraints/cpu.txt -e ".[$extras]"
+  # pip's stderr minus one known, harmless line: a dependency of llama-index asks for
+  # huggingface-hub's "inference" extra, which newer huggingface-hub releases no longer have.
+  { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${index[@]}" \
+    -c constraints/cpu.txt -e ".[$extras]" 2>&1 1>&3 |
+    { grep -v "does not provide the extra 'inference'" || true; } >&2; } 3>&1
 }

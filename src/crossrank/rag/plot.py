@@ -9,6 +9,7 @@ of four-digit numbers. matplotlib is the optional ``plot`` extra.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,13 @@ def _latency_bars(axes: Any, timings: Mapping[str, Mapping[str, float]]) -> None
     axes.set_xlabel("mean ms per call")
     axes.set_title("Stage latency")
     axes.margins(x=0.25)
+
+
+def eval_png(payload: Mapping[str, Any]) -> bytes:
+    """:func:`eval_figure` as PNG bytes (for ``IPython.display.Image`` in a notebook)."""
+    buffer = io.BytesIO()
+    eval_figure(payload).savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 def save_eval_plot(payload: Mapping[str, Any], path: Path) -> Path:
