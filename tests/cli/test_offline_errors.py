@@ -27,6 +27,8 @@ SOURCE = str(Path(crossrank.__file__).resolve().parents[1])
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 HUB_ID = "BAAI/bge-reranker-v2-m3"
 CLI = [sys.executable, "-c", "from crossrank.cli import app; app()"]
+#: The subprocess tests start a fresh Python with torch each (seconds on a quiet machine).
+pytestmark = pytest.mark.slow
 
 
 def _closed_port() -> int:
