@@ -42,6 +42,7 @@ from sentence_transformers import SentenceTransformer
 from crossrank.langchain import CrossRankCompressor
 from crossrank.rag.corpus import load_demo_corpus
 from crossrank.rag.llm import DRY_RUN_NOTICE, LLMConfig, build_prompt, chat
+from crossrank.rag.preflight import exit_if_unavailable
 from crossrank.testing import is_random_reranker
 
 EMBED_MODEL = os.environ.get("CROSSRANK_EMBED_MODEL", "BAAI/bge-m3")
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> RagResult:
     parser.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
     args = parser.parse_args(argv)
+    exit_if_unavailable(EMBED_MODEL, RERANK_MODEL)  # one clear message, in seconds, not a traceback
     config = LLMConfig.from_env()
     llm = OpenAICompatibleChat(config) if config else None
 

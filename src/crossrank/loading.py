@@ -2,14 +2,26 @@
 
 Safe defaults: safetensors only, ``trust_remote_code=False`` unless the caller opts in,
 weights materialised directly in the target dtype.
+
+Fast, clear failures: on a machine without network the Hub client retries each file (a
+newcomer saw 28 s of ten repeated retry messages for one model), so before loading a Hub id
+we try one TCP connection to the Hub, bounded by :data:`HUB_PROBE_TIMEOUT` seconds; when it
+fails (or ``HF_HUB_OFFLINE=1``) the model loads from the local Hugging Face cache or the load
+fails at once. Every "cannot get this model" case has one message, built here, whose remedy
+names the way the calling front door takes a local model (``--model PATH`` on the command
+line, ``Reranker("/path/to/model")`` in Python): see :func:`set_local_model_hint`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -24,6 +36,13 @@ from transformers import (
 from crossrank.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+#: Seconds to wait for a TCP connection to the Hub before treating it as unreachable.
+HUB_PROBE_TIMEOUT = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+#: How Python callers pass a local model directory; a command replaces it with its own flag.
+PYTHON_HINT = 'Reranker("/path/to/model")'
+_local_model_hint = PYTHON_HINT
 
 _DTYPES = {
     "float32": torch.float32,
@@ -96,15 +115,111 @@ def looks_like_path(name: str) -> bool:
     )
 
 
-def _explain(name: str, err: Exception) -> str:
-    if looks_like_path(name) or os.path.exists(name):
-        return f"could not load a model from the local path {name!r}: {err}"
+def set_local_model_hint(hint: str) -> None:
+    """How the running front door takes a local model directory (``"--model PATH"``), named in
+    the remedy of every loading error. Commands call it once at start."""
+    global _local_model_hint
+    _local_model_hint = hint
+
+
+def _is_hub_id(name: str) -> bool:
+    return not (looks_like_path(name) or os.path.exists(os.path.expanduser(name)))
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether one TCP connection to the Hub endpoint opens within :data:`HUB_PROBE_TIMEOUT`
+    seconds, name resolution included (behind a proxy we cannot tell: assume yes)."""
+    if any(os.environ.get(var) for var in _PROXY_VARS):
+        return True
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=HUB_PROBE_TIMEOUT).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, name="crossrank-hub-probe", daemon=True)
+    probe.start()
+    probe.join(HUB_PROBE_TIMEOUT)  # getaddrinfo ignores the socket timeout
+    return bool(opened)
+
+
+def unavailable_message(
+    name: str,
+    *,
+    offline_switch: str | None = None,
+    error: Exception | None = None,
+    hint: str | None = None,
+) -> str:
+    """The one message for "this Hub model cannot be had", ending with the remedy for the
+    front door (``hint``, default: the one set by :func:`set_local_model_hint`).
+
+    ``offline_switch`` names what turned downloads off (``"HF_HUB_OFFLINE=1"``); ``error`` is
+    the Hub's own error; with neither, the Hub cannot be reached.
+    """
+    local = f"pass a local directory instead: {hint or _local_model_hint}"
+    if offline_switch:
+        return (
+            f"could not load {name!r}: {offline_switch} turns downloads off and it is not in the "
+            f"local Hugging Face cache. Drop {offline_switch} to download it, or {local}."
+        )
+    if error is not None:
+        return (
+            f"could not load {name!r} from the Hugging Face Hub "
+            f"({error.__class__.__name__}: {error}). Check the id, or {local}."
+        )
     return (
-        f"could not load {name!r} from the Hugging Face Hub ({err.__class__.__name__}: {err}). "
-        "If this machine has no network, download the model elsewhere and pass its local "
-        "directory, e.g. Reranker('/models/bge-reranker-v2-m3'), or set HF_HUB_OFFLINE=1 to "
-        "load it from the local Hugging Face cache."
+        f"could not load {name!r}: it is not a local directory, not in the local Hugging Face "
+        "cache, and the Hugging Face Hub cannot be reached from this machine. Download it where "
+        f"there is network (hf download {name}) and {local}."
     )
+
+
+def hub_access(
+    name: str,
+    *,
+    local_files_only: bool = False,
+    hint: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> bool:
+    """Whether ``name`` must load from the local Hugging Face cache only.
+
+    Raises :class:`ModelLoadError` at once when ``name`` is a Hub id that can be neither
+    downloaded (offline, or the Hub unreachable) nor found in the cache.
+    """
+    if not _is_hub_id(name):
+        return local_files_only  # a local directory (a missing one is reported by path)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = local_files_only or constants.HF_HUB_OFFLINE
+    if not offline and hub_reachable():
+        return False
+    try:
+        found = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir, revision=revision)
+    except ValueError:  # not a valid Hub id; the loader explains
+        return offline
+    if isinstance(found, str):
+        if not offline:
+            logger.info("Hugging Face Hub unreachable; loading %s from the local cache", name)
+        return True
+    switch = None
+    if offline:
+        switch = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1"
+    raise ModelLoadError(unavailable_message(name, offline_switch=switch, hint=hint))
+
+
+def _explain(name: str, err: Exception) -> str:
+    if not _is_hub_id(name):
+        return f"could not load a model from the local path {name!r}: {err}"
+    return unavailable_message(name, error=err)
 
 
 def load(
@@ -127,6 +242,9 @@ def load(
         raise ModelLoadError(f"model path {name_or_path!r} does not exist")
     if os.path.exists(expanded):
         name_or_path = expanded
+    local_files_only = hub_access(
+        name_or_path, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir
+    )
     hub: dict[str, Any] = {
         "revision": revision,
         "cache_dir": cache_dir,

@@ -26,8 +26,6 @@ from crossrank.langchain import CrossRankCompressor, HuggingFaceCrossEncoder
 from crossrank.llama_index import CrossRankRerank, FlagEmbeddingReranker, SentenceTransformerRerank
 from crossrank.validation import check_threshold
 
-pytest_plugins = ["rag_fixtures"]
-
 QUERY = "Why is Mars red?"
 TEXTS = ["Mars is red because of iron oxide.", "Jupiter is large.", "Paris has a tower."]
 

@@ -16,7 +16,6 @@ import crossrank.registry
 from crossrank.cli import rag as cli_module
 from crossrank.cli.rag import DEMO_QUERY_IDS, EXIT_MODEL_UNAVAILABLE, demo, eval_command
 from crossrank.rag import corpus as corpus_module
-from crossrank.rag import models
 from crossrank.rag.corpus import Corpus, Passage
 from crossrank.rag.retrieval import DenseIndex
 
@@ -113,7 +112,7 @@ def test_default_models_fail_fast_without_the_hub(
     loader would retry each file for tens of seconds)."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr("crossrank.loading.hub_reachable", lambda: False)
 
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model loader was called although the Hub is unreachable")

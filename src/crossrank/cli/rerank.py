@@ -14,6 +14,8 @@ from rich.table import Table
 from crossrank.cli.common import Model, engine_command
 from crossrank.errors import ModelLoadError
 from crossrank.options import DEFAULT_MODEL, EngineOptions
+from crossrank.quiet import quiet_third_party
+from crossrank.terminal import output_console
 from crossrank.validation import check_threshold
 
 err_console = Console(stderr=True)
@@ -59,7 +61,10 @@ def rerank(
 ) -> None:
     """Rank documents for a query and print them best first."""
     from crossrank.engine import Reranker
+    from crossrank.loading import set_local_model_hint
 
+    quiet_third_party()
+    set_local_model_hint("--model PATH")
     try:
         check_threshold(threshold)
     except ValueError as err:
@@ -91,4 +96,4 @@ def rerank(
     for rank, result in enumerate(results, 1):
         preview = result.document if len(result.document) <= 200 else result.document[:200] + "…"
         table.add_row(str(rank), f"{result.score:.4f}", str(result.index), preview)
-    Console().print(table)
+    output_console().print(table)

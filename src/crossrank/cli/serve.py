@@ -14,6 +14,7 @@ import typer
 from crossrank.cli.common import Model, engine_command
 from crossrank.errors import MissingExtraError, require_extra
 from crossrank.options import DEFAULT_MODEL, EngineOptions, option_fields
+from crossrank.quiet import quiet_third_party
 
 if TYPE_CHECKING:
     from crossrank.engine import Reranker
@@ -105,6 +106,10 @@ def serve(
 ) -> None:
     """Serve a reranker over HTTP: Cohere/Jina (/v1/rerank, /v2/rerank) and TEI (/rerank)
     APIs, Prometheus /metrics, a web UI at /."""
+    from crossrank.loading import set_local_model_hint
+
+    quiet_third_party()
+    set_local_model_hint("--model PATH")
     try:
         require_extra("fastapi", "server", feature="crossrank serve")
         require_extra("uvicorn", "server", feature="crossrank serve")

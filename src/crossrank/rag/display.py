@@ -17,6 +17,13 @@ from rich.text import Text
 from crossrank.rag.llm import DRY_RUN_NOTICE
 
 PREVIEW_CHARS = 90
+#: The legend under the before/after table.
+COLUMNS_LEGEND = (
+    "after/before: rank after reranking / in retrieval; move: places gained ↑ or lost ↓; "
+    "score: reranker relevance in [0, 1]"
+)
+#: The legend of the gold column (the corpus's graded relevance labels).
+GOLD_LEGEND = "gold: ★★ highly relevant, ★ relevant, · not labelled relevant (the corpus's labels)"
 
 
 def score_text(score: float) -> Text:
@@ -43,7 +50,8 @@ def before_after_table(
     """Where each passage sat before (retrieval) and after (reranking).
 
     Rows are the reranked top ``top_n`` (what the LLM gets) and, below a line, the retrieval
-    top ``top_n`` that reranking pushed out. ``relevant`` adds a gold-label column.
+    top ``top_n`` that reranking pushed out. ``relevant`` adds a gold-label column. The
+    caption explains the columns (:data:`COLUMNS_LEGEND`, :data:`GOLD_LEGEND`).
     """
     before = {pid: rank for rank, pid in enumerate(retrieved_ids, 1)}
     after = {pid: (rank, score) for rank, (pid, score) in enumerate(reranked, 1)}
@@ -54,6 +62,7 @@ def before_after_table(
     table.caption = f"{len(retrieved_ids)} retrieved → top {len(kept)} after reranking" + (
         f"; below the line: retrieval top {top_n} that reranking pushed out" if dropped else ""
     )
+    table.caption += f"\n{COLUMNS_LEGEND}" + (f"\n{GOLD_LEGEND}" if relevant is not None else "")
     table.add_column("after", justify="right")
     table.add_column("before", justify="right")
     table.add_column("move", justify="right")

@@ -34,21 +34,31 @@ def _scored(query_id: str, passage_ids: Sequence[str]) -> list[Any]:
 
 def evaluate(corpus: Corpus, runs: Sequence[tuple[str, QueryRun]]) -> dict[str, dict[str, float]]:
     """``{system: {metric: value}}`` over ``runs`` (``(query id, run)`` pairs of ``corpus``)."""
+    return evaluate_ids(
+        corpus,
+        [
+            (qid, [h.passage.id for h in run.retrieved], [r.hit.passage.id for r in run.reranked])
+            for qid, run in runs
+        ],
+    )
+
+
+def evaluate_ids(
+    corpus: Corpus, runs: Sequence[tuple[str, Sequence[str], Sequence[str]]]
+) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` for any pipeline (LangChain, LlamaIndex): ``runs`` are ``(query id,
+    retrieved passage ids, reranked passage ids)``, best first."""
     import ir_measures
     from ir_measures import Qrel
 
     measures = {label: ir_measures.parse_measure(name) for label, name in MEASURES.items()}
     qrels = [
         Qrel(qid, pid, grade)
-        for qid, _ in runs
+        for qid, _, _ in runs
         for pid, grade in corpus.query(qid).relevant.items()
     ]
-    retrieved = [
-        d for qid, run in runs for d in _scored(qid, [h.passage.id for h in run.retrieved])
-    ]
-    reranked = [
-        d for qid, run in runs for d in _scored(qid, [r.hit.passage.id for r in run.reranked])
-    ]
+    retrieved = [d for qid, ids, _ in runs for d in _scored(qid, ids)]
+    reranked = [d for qid, _, ids in runs for d in _scored(qid, ids)]
     out: dict[str, dict[str, float]] = {}
     for system, scored in zip(SYSTEMS, (retrieved, reranked), strict=True):
         values = ir_measures.calc_aggregate(list(measures.values()), qrels, scored)

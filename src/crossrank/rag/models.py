@@ -2,22 +2,20 @@
 
 Both default to Hugging Face Hub ids. On a machine without network the Hub client retries
 each file for tens of seconds, which turns "no network" into minutes of silence; so before
-loading a Hub id we probe the Hub once (a few seconds at most) and, when it is unreachable,
-load from the local Hugging Face cache or fail at once with a :class:`ModelLoadError`.
+loading a Hub id we probe the Hub once (:func:`crossrank.loading.hub_access`, a few seconds at
+most) and, when it is unreachable, load from the local Hugging Face cache or fail at once with
+a :class:`ModelLoadError`.
 
 Importing this module is cheap (no torch): the command line reads its defaults from here.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 from crossrank.errors import ModelLoadError
 from crossrank.options import DEFAULT_MODEL as DEFAULT_RERANK_MODEL
@@ -32,9 +30,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_EMBED_MODEL = "BAAI/bge-m3"
 EMBED_MODEL_ENV = "CROSSRANK_EMBED_MODEL"
 RERANK_MODEL_ENV = "CROSSRANK_RERANK_MODEL"
-#: Seconds to wait for a TCP connection to the Hub before treating it as unreachable.
-HUB_PROBE_TIMEOUT = 3.0
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 #: Marker file that ``crossrank.testing`` writes next to every random-weight model it builds,
 #: so that the demo can refuse to present its scores as real (see :func:`is_random_reranker`).
 RANDOM_WEIGHTS_FILE = "RANDOM_WEIGHTS.txt"
@@ -77,49 +72,13 @@ def _is_local(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name))
 
 
-@functools.cache
-def _hub_reachable() -> bool:
-    """One TCP connection attempt to the Hub endpoint (skipped behind a proxy: assume yes)."""
-    if any(os.environ.get(var) for var in _PROXY_VARS):
-        return True
-    from huggingface_hub import constants
+def local_files_only(name: str, *, hint: str | None = None) -> bool:
+    """Whether ``name`` must be loaded from the local Hugging Face cache (no Hub requests);
+    raises :class:`ModelLoadError` at once when it can be neither downloaded nor found
+    (see :func:`crossrank.loading.hub_access`)."""
+    from crossrank.loading import hub_access
 
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_TIMEOUT):
-            return True
-    except OSError:
-        return False
-
-
-def local_files_only(name: str) -> bool:
-    """Whether ``name`` must be loaded from the local Hugging Face cache (no Hub requests).
-
-    Raises :class:`ModelLoadError` at once when ``name`` is a Hub id that is neither
-    reachable nor cached, instead of letting the Hub client retry for minutes.
-    """
-    from crossrank.loading import looks_like_path
-
-    if _is_local(name) or looks_like_path(name):
-        return False  # a local directory, or a missing one the loader reports by name
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if constants.HF_HUB_OFFLINE:
-        return True
-    if _hub_reachable():
-        return False
-    try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a valid Hub id; the loader explains
-        return False
-    if cached:
-        logger.info("Hugging Face Hub unreachable; loading %s from the local cache", name)
-        return True
-    raise ModelLoadError(
-        f"{name!r} is not a local directory, is not in the local Hugging Face cache, and the "
-        f"Hugging Face Hub cannot be reached from this machine"
-    )
+    return hub_access(name, hint=hint)
 
 
 def load_embedder(name: str = DEFAULT_EMBED_MODEL, *, device: str = "auto") -> SentenceTransformer:
@@ -143,7 +102,7 @@ def load_embedder(name: str = DEFAULT_EMBED_MODEL, *, device: str = "auto") -> S
                 f"{name!r} is a cross-encoder (sequence classification), not an embedding "
                 "model: pass it as the reranker (--rerank-model) instead"
             )
-    offline = local_files_only(name)
+    offline = local_files_only(name, hint=f"--embed-model PATH (or {EMBED_MODEL_ENV}=PATH)")
     try:
         return SentenceTransformer(
             os.path.expanduser(name),
@@ -160,4 +119,10 @@ def load_reranker(name: str = DEFAULT_RERANK_MODEL, *, device: str = "auto") -> 
     the local cache when the Hub is down."""
     from crossrank.registry import get_reranker
 
-    return get_reranker(name, device=device, local_files_only=local_files_only(name))
+    return get_reranker(
+        name,
+        device=device,
+        local_files_only=local_files_only(
+            name, hint=f"--rerank-model PATH (or {RERANK_MODEL_ENV}=PATH)"
+        ),
+    )
