@@ -6,6 +6,11 @@ tokenizer cuts such a document into overlapping token windows
 (:meth:`crossrank.tokenization.PairTokenizer.encode_windows`), every window is scored in the
 same token-budgeted batches as all other pairs, and :func:`aggregate` folds the window
 scores back into one raw score per document plus the character span of its best window.
+
+The work a document can cause is bounded: only its first ``max_windows`` windows (default
+64, about 28k tokens at ``max_length=512``) are scored, as truncate mode scores only its
+first window, and its text is cut before tokenizing to what those windows need
+(:mod:`crossrank.tokenization`). A 30 MB document costs what a ~170 kB one does.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crossrank.options import AGGREGATES, LONG_DOCS_MODES as MODES
+from crossrank.options import AGGREGATES
+from crossrank.options import LONG_DOCS_MODES as MODES
 from crossrank.tokenization import EncodedPairs
-
 
 
 def _is_int(value: object) -> bool:
@@ -30,15 +35,18 @@ class LongDocs:
     ``mode="truncate"`` keeps its first tokens. ``mode="chunk"`` scores windows of
     ``chunk_tokens`` document tokens (``None``: all the room) overlapping by ``chunk_overlap``
     tokens (``None``: an eighth of the window) and folds them into one score with
-    ``aggregate``.
+    ``aggregate``; only the first ``max_windows`` windows of a document are scored.
     """
 
     mode: str = "truncate"
     chunk_tokens: int | None = None
     chunk_overlap: int | None = None
     aggregate: str = "max"
+    max_windows: int = 64
 
     def __post_init__(self) -> None:
+        if not _is_int(self.max_windows) or self.max_windows < 1:
+            raise ValueError(f"max_windows must be a positive int, got {self.max_windows!r}")
         if self.mode not in MODES:
             raise ValueError(f"long_docs must be one of {MODES}, got {self.mode!r}")
         if self.aggregate not in AGGREGATES:
@@ -80,7 +88,7 @@ class LongDocs:
         """The settings that change a document's score, for cache keys."""
         if not self.chunked:
             return "truncate"
-        return f"chunk:{self.chunk_tokens}:{self.chunk_overlap}:{self.aggregate}"
+        return f"chunk:{self.chunk_tokens}:{self.chunk_overlap}:{self.aggregate}:{self.max_windows}"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ bounded by the cut below) rather than for whole requests.
 leaves in truncate mode; the first ``max_windows`` windows in chunk mode), so each document
 is cut, before tokenizing, to ``CHARS_PER_TOKEN`` characters for every token it can use
 plus ``CUT_MARGIN_TOKENS``, at the next space within ``_SPACE_SEARCH`` characters (a word
-boundary: the words before it tokenize as in the full text) or else inside a word. If the
+boundary: the words before it tokenize as in the full text) or else inside a word, where
+the tokens well before the cut do not depend on it, except inside a run of a short repeated
+pattern (``"0" * n``), which is kept whole up to 1 Mi characters. If the
 cut text yields fewer tokens than those used plus the margin, it is cut again twice as
 long, up to the whole text. The kept tokens and their character offsets are therefore the
 full text's (tested over XQuAD-R and long synthetic documents in several scripts in
@@ -63,6 +65,9 @@ CHARS_PER_TOKEN = 6.0
 CUT_MARGIN_TOKENS = 16
 #: How far past the character budget a cut looks for a space (a word boundary).
 _SPACE_SEARCH = 64
+#: Periodic runs a cut keeps whole (see :func:`periodic_run_end`).
+_MAX_PERIOD = 32
+_MAX_RUN_CHARS = 1 << 20
 #: Fewest pairs worth sending to another thread; most pairs per chunk.
 _MIN_CHUNK_PAIRS = 8
 _MAX_CHUNK_PAIRS = 256
@@ -295,11 +300,51 @@ def char_budget(tokens: int) -> int:
 
 def cut_point(text: str, limit: int) -> int:
     """Where to cut ``text`` to about ``limit`` characters: at the next space within
-    ``_SPACE_SEARCH`` characters (a word boundary), else at ``limit``; its length if shorter."""
+    ``_SPACE_SEARCH`` characters (a word boundary), else inside the word, past the end of
+    a periodic run the cut would split (see :func:`periodic_run_end`); its length if
+    shorter."""
     if len(text) <= limit:
         return len(text)
     space = text.find(" ", limit, limit + _SPACE_SEARCH)
-    return space if space != -1 else limit
+    if space != -1:
+        return space
+    end = periodic_run_end(text, limit)
+    if end == limit:
+        return limit
+    space = text.find(" ", end, end + _SPACE_SEARCH)
+    return min(len(text), end + _SPACE_SEARCH) if space == -1 else space
+
+
+def periodic_run_end(text: str, pos: int) -> int:
+    """End of the run of a short repeated pattern (period up to ``_MAX_PERIOD``) that
+    ``pos`` is inside of; ``pos`` when it is not inside one.
+
+    How the tokenizer splits a long run such as ``"0" * n`` or ``"ab" * n`` into pieces
+    depends on the run's whole length, down to its first pieces, so a cut must keep the
+    whole run. Runs are followed up to ``_MAX_RUN_CHARS`` characters past ``pos``: a longer
+    one is cut there, the one case in which the first tokens may differ from the full
+    text's (bounded work wins over a pathological input).
+    """
+    period = next(
+        (
+            p
+            for p in range(1, _MAX_PERIOD + 1)
+            if pos >= max(16, 3 * p)
+            and text[pos - max(16, 3 * p) + p : pos] == text[pos - max(16, 3 * p) : pos - p]
+        ),
+        None,
+    )
+    if period is None:
+        return pos
+    end, cap, block = pos, min(len(text), pos + _MAX_RUN_CHARS), 1024
+    while end < cap:
+        stop = min(end + block, cap)
+        if text[end:stop] != text[end - period : stop - period]:
+            while text[end] == text[end - period]:
+                end += 1
+            return end
+        end, block = stop, 2 * block
+    return end
 
 
 Encode = Callable[[list[int], list[str]], list[Encoding]]
@@ -330,8 +375,8 @@ def encode_cut(
         retry = []
         for i, cut, encoding in zip(todo, cuts, encodings, strict=True):
             need = needs[i]
-            cut_short = cut < len(texts[i]) and need is not None
-            if cut_short and yielded(i, encoding) < need + CUT_MARGIN_TOKENS:
+            was_cut = need is not None and cut < len(texts[i])
+            if was_cut and yielded(i, encoding) < (need or 0) + CUT_MARGIN_TOKENS:
                 limits[i] *= 2
                 retry.append(i)
             else:
