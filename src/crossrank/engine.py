@@ -68,14 +68,14 @@ class _Job:
     cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
 
 
-
-
 def check_options(**options: Any) -> LongDocs:
     """Check engine options without a model (see :class:`~crossrank.options.EngineOptions`);
     returns the long-document settings. Kept for the front doors until they build an
     ``EngineOptions`` themselves."""
     opts = EngineOptions.build(**options)
-    return LongDocs(opts.long_docs, opts.chunk_tokens, opts.chunk_overlap, opts.aggregate)
+    return LongDocs(
+        opts.long_docs, opts.chunk_tokens, opts.chunk_overlap, opts.aggregate, opts.max_windows
+    )
 
 
 class Reranker:
@@ -138,6 +138,7 @@ class Reranker:
         chunk_tokens: int | None = None,
         chunk_overlap: int | None = None,
         aggregate: str = "max",
+        max_windows: int = 64,
         cache: str | Cache | None = None,
         fast_path: bool | PackedOptions | None = None,
         split_tokens: int = 16384,
@@ -162,6 +163,7 @@ class Reranker:
             chunk_tokens=chunk_tokens,
             chunk_overlap=chunk_overlap,
             aggregate=aggregate,
+            max_windows=max_windows,
             cache=cache,
             backend=backend,
             quantize=quantize,
@@ -420,11 +422,18 @@ class Reranker:
             for result, i in zip(results, order, strict=True)
         ]
 
-    def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
-        """Tokenize validated pairs (one batched fast-tokenizer call).
+    def encode(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        cancel: threading.Event | None = None,
+    ) -> EncodedPairs:
+        """Tokenize validated pairs (batched fast-tokenizer calls on crossrank's threads;
+        ``cancel`` stops it between chunks with ``concurrent.futures.CancelledError``).
 
-        In chunk mode a long document gives several rows (its windows), mapped back to their
-        pair by ``pair_index``; fold row scores with :func:`crossrank.longdoc.aggregate`.
+        In chunk mode a long document gives several rows (its windows, the first
+        ``max_windows``), mapped back to their pair by ``pair_index``; fold row scores with
+        :func:`crossrank.longdoc.aggregate`.
         """
         if self.long_docs.chunked:
             return self.tokenizer.encode_windows(
@@ -432,8 +441,10 @@ class Reranker:
                 documents,
                 window_tokens=self.long_docs.chunk_tokens,
                 overlap=self.long_docs.chunk_overlap,
+                max_windows=self.long_docs.max_windows,
+                cancel=cancel,
             )
-        return self.tokenizer.encode(queries, documents)
+        return self.tokenizer.encode(queries, documents, cancel=cancel)
 
     def batcher(self, max_pending_pairs: int | None = None) -> MicroBatcher:
         """The micro-batching queue of the running event loop (created on first use).
@@ -447,7 +458,7 @@ class Reranker:
             batcher.max_pending_pairs = max_pending_pairs
         if batcher is None:
             batcher = MicroBatcher(
-                self.forward,
+                self._submit,
                 batch_tokens=self.batch_tokens,
                 packed=self.runner.packed,
                 executor=self._executor,
@@ -573,28 +584,59 @@ class Reranker:
     async def _ascores(
         self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
     ) -> tuple[DocScores, int]:
-        """Scores and the tokens computed for them."""
+        """Scores and the tokens computed for them. Cancelling the caller stops its
+        tokenization between chunks and drops its pairs not yet sent to the model."""
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(None, self._prepare, queries, documents, max_doc_tokens)
-        rows = await self.batcher().submit(job.encoded)
+        cancel = threading.Event()
+        try:
+            if self._cache is None and not self.long_docs.chunked and max_doc_tokens is None:
+                return await self._ascores_overlapped(queries, documents, cancel)
+            job = await loop.run_in_executor(
+                None, self._prepare, queries, documents, max_doc_tokens, cancel
+            )
+            rows = await self.batcher().submit(job.encoded)
+        except BaseException:
+            cancel.set()
+            raise
         if self._cache is None:
             return self._complete(job, rows), job.encoded.total_tokens
         scored = await loop.run_in_executor(None, self._complete, job, rows)  # cache I/O
         return scored, job.encoded.total_tokens
 
+    async def _ascores_overlapped(
+        self, queries: list[str], documents: list[str], cancel: threading.Event
+    ) -> tuple[DocScores, int]:
+        """The common async path, as :meth:`_score_texts`: a small first chunk is queued
+        while the rest is tokenized."""
+        tokens = [0]
+
+        def encode(lo: int, hi: int) -> EncodedPairs:
+            encoded = self.encode(queries[lo:hi], documents[lo:hi], cancel)
+            tokens[0] += encoded.total_tokens
+            return encoded
+
+        n = len(documents)
+        sizes = chunk_sizes(n, _FIRST_CHUNK, _OVERLAP_PAIRS) if n > _OVERLAP_MIN_PAIRS else [n]
+        raw = await self.batcher().submit_overlapped(encode, sizes)
+        return DocScores(raw, None), tokens[0]
+
     def _prepare(
-        self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
+        self,
+        queries: list[str],
+        documents: list[str],
+        max_doc_tokens: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> _Job:
         """Look the pairs up in the cache and tokenize the misses (runs off the event loop)."""
         if max_doc_tokens is not None and documents:
             documents = self.tokenizer.cap_documents(documents, max_doc_tokens)
         if self._cache is None:
             misses = np.arange(len(documents))
-            return _Job(misses, self.encode(queries, documents))
+            return _Job(misses, self.encode(queries, documents, cancel))
         keys = self._cache.keys(queries, documents)
         hit, raw, spans = self._cache.get(keys)
         misses = np.flatnonzero(~hit)
-        encoded = self.encode([queries[i] for i in misses], [documents[i] for i in misses])
+        encoded = self.encode([queries[i] for i in misses], [documents[i] for i in misses], cancel)
         return _Job(misses, encoded, keys, DocScores(raw, spans))
 
     def _complete(self, job: _Job, rows: np.ndarray) -> DocScores:
