@@ -94,13 +94,24 @@ Pending = Callable[[], np.ndarray]
 Submit = Callable[[EncodedPairs], Pending]
 
 
+def _finished(forward: Callable[[EncodedPairs], np.ndarray]) -> Submit:
+    """A ``submit`` that runs ``forward`` at once and hands back its finished result."""
+
+    def submit(encoded: EncodedPairs) -> Pending:
+        scores = forward(encoded)
+        return lambda: scores
+
+    return submit
+
+
 class MicroBatcher:
     """Merge concurrent scoring requests into shared, token-budgeted forward passes."""
 
     def __init__(
         self,
-        submit: Submit,
+        forward: Callable[[EncodedPairs], np.ndarray] | None = None,
         *,
+        submit: Submit | None = None,
         batch_tokens: int,
         packed: bool,
         executor: Executor,
@@ -110,7 +121,12 @@ class MicroBatcher:
     ) -> None:
         """``submit`` queues one pass (on ``executor``, one thread) and returns its pending
         result, which is waited for on another thread; at most ``depth`` passes are queued
-        at once."""
+        at once. A plain ``forward`` (scores of one pass, computed before it returns) may be
+        given instead: passes then run one after the other."""
+        if submit is None:
+            if forward is None:
+                raise TypeError("MicroBatcher needs forward or submit")
+            submit = _finished(forward)
         self._submit = submit
         self._budget = batch_tokens
         self._packed = packed

@@ -52,7 +52,7 @@ def test_two_passes_are_queued_before_the_first_result_is_awaited() -> None:
     runner = SlowRunner()
     with ThreadPoolExecutor(1) as forward:
         batcher = MicroBatcher(
-            runner.submit, batch_tokens=40, packed=True, executor=forward, depth=2
+            submit=runner.submit, batch_tokens=40, packed=True, executor=forward, depth=2
         )
 
         async def main() -> np.ndarray:
@@ -81,7 +81,7 @@ def test_lone_request_overlapped_chunks_keep_scores_and_order() -> None:
         return encoded_of(lengths[lo:hi], first_id=lo)
 
     with ThreadPoolExecutor(1) as forward:
-        batcher = MicroBatcher(runner.submit, batch_tokens=64, packed=True, executor=forward)
+        batcher = MicroBatcher(submit=runner.submit, batch_tokens=64, packed=True, executor=forward)
         scores = run(batcher.submit_overlapped(encode, [12, 38]))
     assert encodes == [(0, 12), (12, 50)]
     assert scores.tolist() == list(range(50))
@@ -92,7 +92,9 @@ def test_concurrent_requests_get_their_own_scores() -> None:
     for _ in range(1000):
         runner.released.release()
     with ThreadPoolExecutor(1) as forward:
-        batcher = MicroBatcher(runner.submit, batch_tokens=50, packed=False, executor=forward)
+        batcher = MicroBatcher(
+            submit=runner.submit, batch_tokens=50, packed=False, executor=forward
+        )
 
         async def main() -> list[np.ndarray]:
             calls = [batcher.submit(encoded_of([3 + k % 5] * (k + 1), 100 * k)) for k in range(8)]
@@ -110,7 +112,7 @@ def test_a_failed_pass_fails_its_requests_only() -> None:
         return lambda: encoded.ids[encoded.offsets].astype(np.float32)
 
     with ThreadPoolExecutor(1) as forward:
-        batcher = MicroBatcher(submit, batch_tokens=4, packed=True, executor=forward)
+        batcher = MicroBatcher(submit=submit, batch_tokens=4, packed=True, executor=forward)
 
         async def main() -> tuple[object, object]:
             bad = batcher.submit(encoded_of([4], 666))
