@@ -458,7 +458,7 @@ class Reranker:
             batcher.max_pending_pairs = max_pending_pairs
         if batcher is None:
             batcher = MicroBatcher(
-                self._submit,
+                submit=self._submit,
                 batch_tokens=self.batch_tokens,
                 packed=self.runner.packed,
                 executor=self._executor,
