@@ -36,8 +36,9 @@ tokenizer's default), the side that keeps the first tokens.
 
 ``CHARS_PER_TOKEN`` is measured: characters per token of the real XLM-R tokenizer
 (bge-reranker-v2-m3) over the distinct XQuAD-R paragraphs, 240 per language, are en mean
-4.34, p99 5.27, max 5.66; zh mean 1.49, max 2.27. 6.0 is above every paragraph, so a cut
-of prose needs no second try. Measure with
+4.34, p99 5.27, max 5.66; zh mean 1.49, max 2.27. 5.5 is above 99 % of single paragraphs
+(a document of several averages out), so a cut of prose rarely needs a second try, and the
+cut stays within ~1.25x of the characters of a document of the tokens used. Measure with
 ``python benchmarks/tokenize_cost.py --chars-per-token``.
 """
 
@@ -59,7 +60,7 @@ from transformers import PreTrainedTokenizerBase
 from crossrank.validation import scrub_surrogates
 
 #: Characters a cut keeps per token it must yield (measured, see the module docstring).
-CHARS_PER_TOKEN = 6.0
+CHARS_PER_TOKEN = 5.5
 #: Tokens a cut text must yield beyond those used, so that the ones used are unaffected by
 #: where the cut lands (a word cut in two re-tokenizes only its own end).
 CUT_MARGIN_TOKENS = 16
@@ -371,7 +372,10 @@ def encode_cut(
     todo = list(range(len(texts)))
     while todo:
         cuts = [cut_point(texts[i], limits[i]) for i in todo]
-        encodings = encode(todo, [texts[i][:cut] for i, cut in zip(todo, cuts, strict=True)])
+        # Scrubbed after the cut (one code point for one keeps every offset): a long
+        # document is never scanned whole.
+        cut_texts = [texts[i][:cut] for i, cut in zip(todo, cuts, strict=True)]
+        encodings = encode(todo, scrub_surrogates(cut_texts))
         retry = []
         for i, cut, encoding in zip(todo, cuts, encodings, strict=True):
             need = needs[i]
@@ -430,7 +434,7 @@ class PairTokenizer:
         """Cut each document to its first ``max_tokens`` tokens (returned as text), e.g. for
         the Cohere API's ``max_tokens_per_doc``; cutting the text, not the ids, keeps score
         caches keyed by what was actually scored."""
-        return self._cut(scrub_surrogates(documents), max_tokens)[0]
+        return scrub_surrogates(self._cut(documents, max_tokens)[0])
 
     def token_counts(self, texts: Sequence[str], at_most: int | None = None) -> np.ndarray:
         """Token count of each text, special tokens not counted.
@@ -441,7 +445,7 @@ class PairTokenizer:
         more: a count above ``at_most`` is then a lower bound.
         """
         need = None if at_most is None else at_most + 1
-        encodings = self._encode_texts(scrub_surrogates(texts), need, offsets=False)
+        encodings = self._encode_texts(list(texts), need, offsets=False)
         return np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
 
     def _encode_texts(self, texts: list[str], need: int | None, *, offsets: bool) -> list[Encoding]:
@@ -489,7 +493,7 @@ class PairTokenizer:
         chunks with ``concurrent.futures.CancelledError``.
         """
         queries = scrub_surrogates(queries)
-        documents = scrub_surrogates(documents)
+        documents = list(documents)  # surrogates are scrubbed after the cut
         if not documents:
             return EncodedPairs.concat([])
         capped, counts = self._capped(queries)
@@ -543,7 +547,7 @@ class PairTokenizer:
         have the same token count share a layout.
         """
         queries = scrub_surrogates(queries)
-        documents = scrub_surrogates(documents)
+        documents = list(documents)  # surrogates are scrubbed after the cut
         if not documents:
             empty = EncodedPairs.concat([])
             return EncodedPairs(
