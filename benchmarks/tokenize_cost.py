@@ -7,8 +7,8 @@ crossrank cuts a document's text, before tokenizing, to what the pair can use
 tokens and of 2k, 8k, 32k and 1M characters (XQuAD-R paragraphs joined), as a ratio to the
 512-token documents. "before" tokenizes the full text (the Rust tokenizer's truncating pair
 call, what crossrank did until the cut); "after" is ``PairTokenizer.encode``. CPU time is
-``time.process_time`` (every thread of the process), so it does not depend on how many
-cores run it; the bar is "after" within 1.3x of the 512-token documents however long.
+``time.process_time`` (every thread of the process; the fastest of repeated calls), so it
+does not depend on how many cores run it; the bar is "after" within 1.3x of the 512-token documents however long.
 
     python benchmarks/tokenize_cost.py                  # the table (about a minute)
     python benchmarks/tokenize_cost.py --chars-per-token   # the measured constant's source
@@ -64,15 +64,15 @@ def documents(texts: list[str], size: int, count: int) -> list[str]:
 
 
 def cpu_per_pair(fn: Callable[[], object], pairs: int, min_seconds: float = 0.5) -> float:
-    """CPU seconds per pair of ``fn`` (one warm-up, then repeated for ``min_seconds``)."""
+    """CPU seconds per pair of ``fn``: the fastest of the calls made in ``min_seconds``
+    after one warm-up (the least disturbed by other work on a shared machine)."""
     fn()
-    calls, start = 0, time.process_time()
-    while True:
+    times: list[float] = []
+    while sum(times) < min_seconds or len(times) < 3:
+        start = time.process_time()
         fn()
-        calls += 1
-        spent = time.process_time() - start
-        if spent >= min_seconds:
-            return spent / (calls * pairs)
+        times.append(time.process_time() - start)
+    return min(times) / pairs
 
 
 def main(argv: list[str] | None = None) -> int:
