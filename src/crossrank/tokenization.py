@@ -36,9 +36,10 @@ tokenizer's default), the side that keeps the first tokens.
 
 ``CHARS_PER_TOKEN`` is measured: characters per token of the real XLM-R tokenizer
 (bge-reranker-v2-m3) over the distinct XQuAD-R paragraphs, 240 per language, are en mean
-4.34, p99 5.27, max 5.66; zh mean 1.49, max 2.27. 5.5 is above 99 % of single paragraphs
-(a document of several averages out), so a cut of prose rarely needs a second try, and the
-cut stays within ~1.25x of the characters of a document of the tokens used. Measure with
+4.34, p90 4.81, p99 5.27, max 5.66; zh mean 1.49, max 2.27. 5.0 is above 97 % of single
+paragraphs (a document of several averages out towards the mean), so a cut of prose rarely
+needs its second try, and it keeps ~1.2x the characters of a document of exactly the tokens
+used; CJK text (fewer characters per token) is cut with room to spare. Measure with
 ``python benchmarks/tokenize_cost.py --chars-per-token``.
 """
 
@@ -60,7 +61,7 @@ from transformers import PreTrainedTokenizerBase
 from crossrank.validation import scrub_surrogates
 
 #: Characters a cut keeps per token it must yield (measured, see the module docstring).
-CHARS_PER_TOKEN = 5.5
+CHARS_PER_TOKEN = 5.0
 #: Tokens a cut text must yield beyond those used, so that the ones used are unaffected by
 #: where the cut lands (a word cut in two re-tokenizes only its own end).
 CUT_MARGIN_TOKENS = 16
