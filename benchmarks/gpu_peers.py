@@ -20,6 +20,9 @@ kernels and how random models of several init ranges rank in fp16/bf16 vs fp32.
 
     python benchmarks/gpu_peers.py                      # GPU; writes docs/benchmarks-gpu.md
     python benchmarks/gpu_peers.py --cpu-smoke --out /tmp/b.md   # tiny model, seconds, CPU
+    python benchmarks/gpu_peers.py --workload longdocs --out /tmp/long.md  # 3-10 paragraphs/doc
+    python benchmarks/gpu_peers.py --tokenizers-parallelism off --out /tmp/off.md
+        # every system in a child process with TOKENIZERS_PARALLELISM=false
 
 Random weights give meaningless but realistic-speed scores; rankings of a random model are
 close to ties, so the tau column is a stricter test than on the real model.
@@ -37,6 +40,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -129,6 +133,22 @@ def load_workload(shared: Path, per_lang: int, per_query: int, pool: int) -> Wor
     return Workload(queries, candidates, per_query)
 
 
+def long_documents(work: Workload, seed: int = 0) -> Workload:
+    """The same questions with long candidates: each document is 3 to 10 of the question's
+    candidate paragraphs joined (its own paragraph where it was), well over 512 tokens."""
+    rng = random.Random(seed)
+    joined = []
+    for docs in work.candidates:
+        sizes = [rng.randint(3, 10) for _ in docs]
+        joined.append(
+            [
+                " ".join(docs[(i + j) % len(docs)] for j in range(size))
+                for i, size in enumerate(sizes)
+            ]
+        )
+    return Workload(work.queries, joined, work.per_query)
+
+
 def model_flops(lengths: np.ndarray, config: Any) -> float:
     """Forward FLOPs of the encoder + head over real tokens (matmuls and attention)."""
     h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
@@ -197,6 +217,8 @@ class Bench:
             self.work = load_workload(shared, per_lang=1, per_query=4, pool=8)
         else:
             self.work = load_workload(shared, per_lang=20, per_query=50, pool=100)
+        if args.workload == "longdocs":
+            self.work = long_documents(self.work)
         self.pairs = self.work.bulk
         self.reference: np.ndarray | None = None
         self.lengths: np.ndarray | None = None
@@ -934,7 +956,28 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="skip the remaining systems once this many seconds have passed",
     )
+    parser.add_argument(
+        "--workload",
+        choices=("xquad", "longdocs"),
+        default="xquad",
+        help="xquad: XQuAD-R paragraphs; longdocs: 3-10 of them joined per document",
+    )
+    parser.add_argument(
+        "--tokenizers-parallelism",
+        choices=("default", "off"),
+        default="default",
+        help="off: run everything (crossrank and the peers) in a child process with "
+        "TOKENIZERS_PARALLELISM=false, as many RAG applications and forked workers do",
+    )
     args = parser.parse_args(argv)
+    if args.tokenizers_parallelism == "off" and os.environ.get("TOKENIZERS_PARALLELISM") != "false":
+        child = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        return subprocess.run(child, env=env, check=False).returncode
     args.command = "python benchmarks/gpu_peers.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )

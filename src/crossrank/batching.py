@@ -4,11 +4,15 @@
 tokens, or real tokens when the engine packs sequences) stays under the budget.
 
 ``MicroBatcher`` serves every async caller (``Reranker.ascore``, the HTTP server): concurrent
-requests are merged into shared forward passes. A single worker coroutine owns batching; the
-forward pass runs in a worker thread so the event loop never blocks. Pairs are taken from the
-pending requests round-robin, so one 1000-document request cannot starve small ones. Results
-are written back into each request's own order; a cancelled request's remaining pairs are
-dropped before they reach the model.
+requests are merged into shared forward passes. A single worker coroutine owns batching;
+passes are queued on the device from a worker thread (``submit`` returns a pending result,
+as the runners' ``submit`` does) and up to ``depth`` passes are queued before the first
+result is awaited, so the device runs them back to back while the event loop goes on. Pairs
+are taken from the pending requests round-robin, so one 1000-document request cannot starve
+small ones. Results are written back into each request's own order; a cancelled request's
+remaining pairs are dropped before they reach the model. :meth:`MicroBatcher.submit_overlapped`
+gives a lone request the in-process call's overlap: its first small chunk is queued while
+the next chunks are tokenized.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +89,21 @@ class _Batch:
 BatchObserver = Callable[[int, int], None]
 """Called after each forward pass with (pairs, tokens computed)."""
 
+Pending = Callable[[], np.ndarray]
+"""A queued forward pass: call it to wait for its raw scores (``crossrank.runners.Pending``)."""
+
+Submit = Callable[[EncodedPairs], Pending]
+
+
+def _finished(forward: Callable[[EncodedPairs], np.ndarray]) -> Submit:
+    """A ``submit`` that runs ``forward`` at once and hands back its finished result."""
+
+    def submit(encoded: EncodedPairs) -> Pending:
+        scores = forward(encoded)
+        return lambda: scores
+
+    return submit
+
 
 class Observers:
     """A set of :data:`BatchObserver` s that is itself one: calling it calls each. Subscribing
@@ -117,22 +137,34 @@ class MicroBatcher:
 
     def __init__(
         self,
-        forward: Callable[[EncodedPairs], np.ndarray],
+        forward: Callable[[EncodedPairs], np.ndarray] | None = None,
         *,
+        submit: Submit | None = None,
         batch_tokens: int,
         packed: bool,
         executor: Executor,
         max_pending_pairs: int | None = None,
         observer: BatchObserver | None = None,
+        depth: int = 2,
     ) -> None:
-        self._forward = forward
+        """``submit`` queues one pass (on ``executor``, one thread) and returns its pending
+        result, which is waited for on another thread; at most ``depth`` passes are queued
+        at once. A plain ``forward`` (scores of one pass, computed before it returns) may be
+        given instead: passes then run one after the other."""
+        if submit is None:
+            if forward is None:
+                raise TypeError("MicroBatcher needs forward or submit")
+            submit = _finished(forward)
+        self._submit = submit
         self._budget = batch_tokens
         self._packed = packed
         self._executor = executor
         self.max_pending_pairs = max_pending_pairs
         self._observer = observer
+        self.depth = depth
         self._requests: deque[_Request] = deque()
         self._worker: asyncio.Task[None] | None = None
+        self._arrived: asyncio.Event | None = None
 
     @property
     def pending_pairs(self) -> int:
@@ -141,23 +173,53 @@ class MicroBatcher:
 
     async def submit(self, encoded: EncodedPairs) -> np.ndarray:
         """Score ``encoded`` through shared batches; returns raw float32 scores in its order."""
-        n = len(encoded)
-        if n == 0:
-            return np.zeros(0, dtype=np.float32)
+        self._check_room(len(encoded))
+        return await self._enqueue(encoded)
+
+    async def submit_overlapped(
+        self,
+        encode: Callable[[int, int], EncodedPairs],
+        sizes: Sequence[int],
+        executor: Executor | None = None,
+    ) -> np.ndarray:
+        """Score pairs tokenized in chunks of ``sizes`` (``encode(lo, hi)`` gives one row per
+        pair ``lo..hi-1``, run on ``executor``): chunk ``k`` waits in the queue, or on the
+        device, while chunk ``k + 1`` is tokenized. Raw float32 scores in pair order."""
+        self._check_room(sum(sizes))
+        loop = asyncio.get_running_loop()
+        queued: list[asyncio.Future[np.ndarray]] = []
+        try:
+            lo = 0
+            for size in sizes:
+                encoded = await loop.run_in_executor(executor, encode, lo, lo + size)
+                queued.append(self._enqueue(encoded))
+                lo += size
+            parts = [await future for future in queued]
+        except BaseException:
+            for future in queued:
+                future.cancel()
+            raise
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    def _check_room(self, n: int) -> None:
         limit = self.max_pending_pairs
         if limit is not None and self.pending_pairs + n > limit:
             raise QueueFullError(f"queue full: {self.pending_pairs} pairs pending, limit {limit}")
+
+    def _enqueue(self, encoded: EncodedPairs) -> asyncio.Future[np.ndarray]:
         loop = asyncio.get_running_loop()
-        request = _Request(
-            encoded=encoded,
-            future=loop.create_future(),
-            order=np.argsort(-encoded.lengths, kind="stable"),
-            out=np.empty(n, dtype=np.float32),
-        )
-        self._requests.append(request)
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        n = len(encoded)
+        if n == 0:
+            future.set_result(np.zeros(0, dtype=np.float32))
+            return future
+        order = np.argsort(-encoded.lengths, kind="stable")
+        self._requests.append(_Request(encoded, future, order, np.empty(n, dtype=np.float32)))
+        if self._arrived is not None:
+            self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._run())
-        return await request.future
+        return future
 
     def _next_batch(self) -> _Batch | None:
         """Take pairs round-robin from live requests until the token budget is reached."""
@@ -186,27 +248,58 @@ class MicroBatcher:
         return _Batch(encoded=encoded, owners=owners)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Queue passes (up to ``depth`` at once) and hand out their results, in order."""
+        self._arrived = asyncio.Event()
+        inflight: deque[tuple[_Batch, asyncio.Future[np.ndarray]]] = deque()
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            self._arrived.clear()
+            while len(inflight) < self.depth and (batch := self._next_batch()) is not None:
+                inflight.append((batch, await self._queue(batch)))
+            if not inflight:
                 return
+            oldest = inflight[0][1]
+            if len(inflight) < self.depth:  # room for more: also wake when a request arrives
+                arrived = asyncio.ensure_future(self._arrived.wait())
+                either: set[asyncio.Future[Any]] = {oldest, arrived}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                arrived.cancel()
+                if not oldest.done():
+                    continue
+            batch, result = inflight.popleft()
             try:
-                scores = await loop.run_in_executor(self._executor, self._forward, batch.encoded)
+                scores = await result
             except Exception as err:  # a failed batch fails its requests, never the worker
                 logger.exception("forward pass failed for %d pairs", len(batch.encoded))
-                for request, _ in batch.owners:
-                    if not request.future.done():
-                        request.future.set_exception(err)
+                self._fail(batch, err)
                 continue
-            if self._observer is not None:
-                self._observer(
-                    len(batch.encoded), batch_cost(batch.encoded.lengths, packed=self._packed)
-                )
-            start = 0
-            for request, rows in batch.owners:
-                request.out[rows] = scores[start : start + len(rows)]
-                start += len(rows)
-                request.done_pairs += len(rows)
-                if request.done_pairs == len(request.order) and not request.future.done():
-                    request.future.set_result(request.out)
+            self._deliver(batch, scores)
+
+    async def _queue(self, batch: _Batch) -> asyncio.Future[np.ndarray]:
+        """Queue ``batch`` on the device; the future waits for its scores on another thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            pending = await loop.run_in_executor(self._executor, self._submit, batch.encoded)
+        except Exception as err:
+            failed: asyncio.Future[np.ndarray] = loop.create_future()
+            failed.set_exception(err)
+            return failed
+        return loop.run_in_executor(None, pending)
+
+    @staticmethod
+    def _fail(batch: _Batch, err: Exception) -> None:
+        for request, _ in batch.owners:
+            if not request.future.done():
+                request.future.set_exception(err)
+
+    def _deliver(self, batch: _Batch, scores: np.ndarray) -> None:
+        if self._observer is not None:
+            self._observer(
+                len(batch.encoded), batch_cost(batch.encoded.lengths, packed=self._packed)
+            )
+        start = 0
+        for request, rows in batch.owners:
+            request.out[rows] = scores[start : start + len(rows)]
+            start += len(rows)
+            request.done_pairs += len(rows)
+            if request.done_pairs == len(request.order) and not request.future.done():
+                request.future.set_result(request.out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -278,11 +279,10 @@ class Reranker(PeerCompat):
         check_query(query)
         docs = check_documents(texts)
         tok = self.tokenizer
-        counts = tok.token_counts([query] if self.long_docs.chunked else [query, *docs])
+        texts_to_count = [query] if self.long_docs.chunked else [query, *docs]
+        counts = tok.token_counts(texts_to_count, at_most=tok.max_length)  # bounded work
         if counts[0] > tok.query_max_length:
-            raise ValueError(
-                f"query has {counts[0]} tokens, more than the limit of {tok.query_max_length}"
-            )
+            raise ValueError(f"query has more than the limit of {tok.query_max_length} tokens")
         over = np.flatnonzero(counts[0] + counts[1:] + tok.special_tokens_in_pair > tok.max_length)
         return int(over[0]) if len(over) else None
 
@@ -292,12 +292,18 @@ class Reranker(PeerCompat):
         return self._observers.subscribe(observer)
 
     # ------------------------------------------------------------------ building blocks
-    def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
-        """Tokenize validated pairs (one batched fast-tokenizer call): a building block for
-        benchmarks and tests that time or count tokens apart from scoring.
+    def encode(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        cancel: threading.Event | None = None,
+    ) -> EncodedPairs:
+        """Tokenize validated pairs (batched fast-tokenizer calls on crossrank's threads;
+        ``cancel`` stops it between chunks with ``concurrent.futures.CancelledError``).
 
-        In chunk mode a long document gives several rows (its windows), mapped back to their
-        pair by ``pair_index``; fold row scores with :func:`crossrank.longdoc.aggregate`.
+        In chunk mode a long document gives several rows (its windows, the first
+        ``max_windows``), mapped back to their pair by ``pair_index``; fold row scores with
+        :func:`crossrank.longdoc.aggregate`.
         """
         if self.long_docs.chunked:
             return self.tokenizer.encode_windows(
@@ -305,8 +311,10 @@ class Reranker(PeerCompat):
                 documents,
                 window_tokens=self.long_docs.chunk_tokens,
                 overlap=self.long_docs.chunk_overlap,
+                max_windows=self.long_docs.max_windows,
+                cancel=cancel,
             )
-        return self.tokenizer.encode(queries, documents)
+        return self.tokenizer.encode(queries, documents, cancel=cancel)
 
     def batcher(self, max_pending_pairs: int | None = None) -> MicroBatcher:
         """The micro-batching queue of the running event loop (created on first use): the
@@ -321,7 +329,7 @@ class Reranker(PeerCompat):
             batcher.max_pending_pairs = max_pending_pairs
         if batcher is None:
             batcher = MicroBatcher(
-                self.forward,
+                submit=self._devices.workers[0].submit,
                 batch_tokens=self.batch_tokens,
                 packed=self.runner.packed,
                 executor=self._executor,
@@ -391,28 +399,60 @@ class Reranker(PeerCompat):
     async def _ascores(
         self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
     ) -> tuple[DocScores, int]:
-        """Scores and the tokens computed for them."""
+        """Scores and the tokens computed for them. Cancelling the caller stops its
+        tokenization between chunks and drops its pairs not yet sent to the model."""
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(None, self._prepare, queries, documents, max_doc_tokens)
-        rows = await self.batcher().submit(job.encoded)
+        cancel = threading.Event()
+        try:
+            if self._cache is None and not self.long_docs.chunked and max_doc_tokens is None:
+                return await self._ascores_overlapped(queries, documents, cancel)
+            job = await loop.run_in_executor(
+                None, self._prepare, queries, documents, max_doc_tokens, cancel
+            )
+            rows = await self.batcher().submit(job.encoded)
+        except BaseException:
+            cancel.set()
+            raise
         if self._cache is None:
             return self._complete(job, rows), job.encoded.total_tokens
         scored = await loop.run_in_executor(None, self._complete, job, rows)  # cache I/O
         return scored, job.encoded.total_tokens
 
+    async def _ascores_overlapped(
+        self, queries: list[str], documents: list[str], cancel: threading.Event
+    ) -> tuple[DocScores, int]:
+        """The common async path, as :meth:`_score_texts`: a small first chunk is queued
+        while the rest is tokenized."""
+        tokens = [0]
+
+        def encode(lo: int, hi: int) -> EncodedPairs:
+            encoded = self.encode(queries[lo:hi], documents[lo:hi], cancel)
+            tokens[0] += encoded.total_tokens
+            return encoded
+
+        n, opts = len(documents), self.options
+        small = n <= opts.overlap_min_pairs or not self.runner.packed
+        sizes = [n] if small else chunk_sizes(n, opts.overlap_first_chunk, opts.overlap_chunk_pairs)
+        raw = await self.batcher().submit_overlapped(encode, sizes)
+        return DocScores(raw, None), tokens[0]
+
     def _prepare(
-        self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
+        self,
+        queries: list[str],
+        documents: list[str],
+        max_doc_tokens: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> _Job:
         """Look the pairs up in the cache and tokenize the misses (runs off the event loop)."""
         if max_doc_tokens is not None and documents:
             documents = self.tokenizer.cap_documents(documents, max_doc_tokens)
         if self._cache is None:
             misses = np.arange(len(documents))
-            return _Job(misses, self.encode(queries, documents))
+            return _Job(misses, self.encode(queries, documents, cancel))
         keys = self._cache.keys(queries, documents)
         hit, raw, spans = self._cache.get(keys)
         misses = np.flatnonzero(~hit)
-        encoded = self.encode([queries[i] for i in misses], [documents[i] for i in misses])
+        encoded = self.encode([queries[i] for i in misses], [documents[i] for i in misses], cancel)
         return _Job(misses, encoded, keys, DocScores(raw, spans))
 
     def _complete(self, job: _Job, rows: np.ndarray) -> DocScores:

@@ -6,6 +6,11 @@ tokenizer cuts such a document into overlapping token windows
 (:meth:`crossrank.tokenization.PairTokenizer.encode_windows`), every window is scored in the
 same token-budgeted batches as all other pairs, and :func:`aggregate` folds the window
 scores back into one raw score per document plus the character span of its best window.
+
+The work a document can cause is bounded: only its first ``max_windows`` windows (default
+64, about 28k tokens at ``max_length=512``) are scored, as truncate mode scores only its
+first window, and its text is cut before tokenizing to what those windows need
+(:mod:`crossrank.tokenization`). A 30 MB document costs what a ~170 kB one does.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ class LongDocs:
     ``mode="truncate"`` keeps its first tokens. ``mode="chunk"`` scores windows of
     ``chunk_tokens`` document tokens (``None``: all the room) overlapping by ``chunk_overlap``
     tokens (``None``: an eighth of the window) and folds them into one score with
-    ``aggregate``. The values are checked by :class:`~crossrank.options.EngineOptions`;
+    ``aggregate``; only the first ``max_windows`` windows of a document are scored. The values are checked by :class:`~crossrank.options.EngineOptions`;
     :meth:`check_room` adds the check that needs the tokenizer.
     """
 
@@ -34,12 +39,17 @@ class LongDocs:
     chunk_tokens: int | None = None
     chunk_overlap: int | None = None
     aggregate: str = "max"
+    max_windows: int = 64
 
     @classmethod
     def from_options(cls, options: EngineOptions) -> LongDocs:
         """The long-document settings of checked engine ``options``."""
         return cls(
-            options.long_docs, options.chunk_tokens, options.chunk_overlap, options.aggregate
+            options.long_docs,
+            options.chunk_tokens,
+            options.chunk_overlap,
+            options.aggregate,
+            options.max_windows,
         )
 
     @property
@@ -67,7 +77,7 @@ class LongDocs:
         """The settings that change a document's score, for cache keys."""
         if not self.chunked:
             return "truncate"
-        return f"chunk:{self.chunk_tokens}:{self.chunk_overlap}:{self.aggregate}"
+        return f"chunk:{self.chunk_tokens}:{self.chunk_overlap}:{self.aggregate}:{self.max_windows}"
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,12 @@ class EngineOptions:
         "With chunk: a document's score from its windows' scores (max, mean of logits, first).",
         _one_of(AGGREGATES),
     )
+    max_windows: int = option(
+        64,
+        "With chunk: most windows scored per document; a longer document is scored on its "
+        "first max_windows windows (and only that much of its text is tokenized).",
+        _positive_int(),
+    )
     cache: Any = option(
         None,
         "Score cache: 'memory' (an in-process LRU), or a redis://, rediss:// or unix:// URL "

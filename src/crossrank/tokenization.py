@@ -1,24 +1,81 @@
-"""Batched pair tokenization into a flat token buffer.
+"""Batched pair tokenization into a flat token buffer: cut to what scoring can use, spread
+over crossrank's own threads, with no process-wide lock.
 
-The fast tokenizer encodes all pairs of a call in one Rust call. The result is stored as one
-flat ``int64`` array plus per-pair offsets and lengths, so that padded batches (CPU and
+The fast tokenizer encodes the pairs of a chunk in one Rust call. The result is stored as
+one flat ``int64`` array plus per-pair offsets and lengths, so that padded batches (CPU and
 reference path) and packed batches (GPU varlen path) are both cut out of it with vectorised
 numpy indexing rather than a Python loop over pairs.
+
+**Own parallelism.** A call of more than ``2 * _MIN_CHUNK_PAIRS`` pairs is split into chunks
+(at most ``_MAX_CHUNK_PAIRS`` pairs each): the first is tokenized on the calling thread, the
+others on a thread pool of crossrank's own, sized from the cores this process may use
+(``os.sched_getaffinity``). The Rust tokenizer releases the GIL, so this is as fast with
+``TOKENIZERS_PARALLELISM=false``, or in a process forked after the tokenizer was used (where
+the tokenizer turns its own parallelism off), as with the tokenizer's parallelism on; the
+user's environment is never changed. A call's ``cancel`` event is checked between chunks,
+so a cancelled request stops consuming CPU after at most one chunk per thread.
+
+**No process-wide lock.** The Rust tokenizer keeps its truncation setting as state.
+:class:`_SharedBackend` lets every call that needs the same setting run at once; a call
+that needs another one waits, first come first served, for the running chunks (each is
+bounded by the cut below) rather than for whole requests.
+
+**Cut before tokenizing.** Only a document's first tokens are scored (the room ``max_length``
+leaves in truncate mode; the first ``max_windows`` windows in chunk mode), so each document
+is cut, before tokenizing, to ``CHARS_PER_TOKEN`` characters for every token it can use
+plus ``CUT_MARGIN_TOKENS``, at the next space within ``_SPACE_SEARCH`` characters (a word
+boundary: the words before it tokenize as in the full text) or else inside a word, where
+the tokens well before the cut do not depend on it, except inside a run of a short repeated
+pattern (``"0" * n``), which is kept whole up to 1 Mi characters. If the
+cut text yields fewer tokens than those used plus the margin, it is cut again twice as
+long, up to the whole text. The kept tokens and their character offsets are therefore the
+full text's (tested over XQuAD-R and long synthetic documents in several scripts in
+``tests/core/test_cut.py``), and a 1 MB document costs what a 3 kB one does
+(``benchmarks/tokenize_cost.py``). Texts are cut only for right-side truncation (the
+tokenizer's default), the side that keeps the first tokens.
+
+``CHARS_PER_TOKEN`` is measured: characters per token of the real XLM-R tokenizer
+(bge-reranker-v2-m3) over the distinct XQuAD-R paragraphs, 240 per language, are en mean
+4.34, p90 4.81, p99 5.27, max 5.66; zh mean 1.49, max 2.27. 5.0 is above 97 % of single
+paragraphs (a document of several averages out towards the mean), so a cut of prose rarely
+needs its second try, and it keeps ~1.2x the characters of a document of exactly the tokens
+used; CJK text (fewer characters per token) is cut with room to spare. Measure with
+``python benchmarks/tokenize_cost.py --chars-per-token``.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
-from tokenizers import Encoding
+from tokenizers import Encoding, Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from crossrank.validation import scrub_surrogates
+
+#: Characters a cut keeps per token it must yield (measured, see the module docstring).
+CHARS_PER_TOKEN = 5.0
+#: Tokens a cut text must yield beyond those used, so that the ones used are unaffected by
+#: where the cut lands (a word cut in two re-tokenizes only its own end).
+CUT_MARGIN_TOKENS = 16
+#: How far past the character budget a cut looks for a space (a word boundary).
+_SPACE_SEARCH = 64
+#: Periodic runs a cut keeps whole (see :func:`periodic_run_end`).
+_MAX_PERIOD = 32
+_MAX_RUN_CHARS = 1 << 20
+#: Fewest pairs worth sending to another thread; most pairs per chunk.
+_MIN_CHUNK_PAIRS = 8
+_MAX_CHUNK_PAIRS = 256
+_MAX_THREADS = 32
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,7 +117,10 @@ class EncodedPairs:
 
     @staticmethod
     def concat(parts: Sequence[EncodedPairs]) -> EncodedPairs:
-        """Join several encodings into one (pairs keep their order, part after part)."""
+        """Join several encodings into one (pairs keep their order, part after part).
+
+        ``pair_index``/``spans`` are kept when every part has them (window rows of one call,
+        whose ``pair_index`` already counts pairs across the parts)."""
         if len(parts) == 1:
             return parts[0]
         lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int64)
@@ -70,7 +130,12 @@ class EncodedPairs:
         type_ids = None
         if parts and parts[0].type_ids is not None:
             type_ids = np.concatenate([p.type_ids for p in parts if p.type_ids is not None])
-        return EncodedPairs(ids, offsets, lengths, type_ids)
+        windowed = [p for p in parts if p.pair_index is not None and p.spans is not None]
+        if not parts or len(windowed) < len(parts):
+            return EncodedPairs(ids, offsets, lengths, type_ids)
+        pair_index = np.concatenate([p.pair_index for p in parts if p.pair_index is not None])
+        spans = np.concatenate([p.spans for p in parts if p.spans is not None])
+        return EncodedPairs(ids, offsets, lengths, type_ids, pair_index, spans)
 
     def padded(self, rows: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
         """Right-padded ``input_ids``/``attention_mask`` (and ``token_type_ids``) for ``rows``."""
@@ -109,6 +174,229 @@ def _flatten(rows: list[list[int]], count: int) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=count)
 
 
+# ------------------------------------------------------------------- own thread pool
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def tokenizer_threads() -> int:
+    """Threads crossrank tokenizes on: the cores this process may use (at most 32)."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _MAX_THREADS))
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(tokenizer_threads(), thread_name_prefix="crossrank-tok")
+        return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's pool threads do not exist: start a new pool."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def chunk_bounds(n: int, threads: int) -> list[int]:
+    """Boundaries of the chunks a call of ``n`` pairs is split into: one chunk per thread
+    when each gets at least ``_MIN_CHUNK_PAIRS`` pairs, and none larger than
+    ``_MAX_CHUNK_PAIRS``."""
+    chunks = max(1, -(-n // _MAX_CHUNK_PAIRS), min(threads, n // _MIN_CHUNK_PAIRS))
+    return [n * k // chunks for k in range(chunks + 1)]
+
+
+def split_call(
+    work: Callable[[int, int], T], n: int, cancel: threading.Event | None = None
+) -> list[T]:
+    """``work(lo, hi)`` over the chunks of :func:`chunk_bounds`, in order: the first chunk
+    on the calling thread, the others on the pool. Raises ``CancelledError`` once
+    ``cancel`` is set (chunks not started are dropped)."""
+
+    def run(lo: int, hi: int) -> T:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("tokenization cancelled")
+        return work(lo, hi)
+
+    bounds = chunk_bounds(n, tokenizer_threads())
+    pool = _executor() if len(bounds) > 2 else None
+    chunks = list(itertools.pairwise(bounds))
+    futures = [pool.submit(run, lo, hi) for lo, hi in chunks[1:]] if pool else []
+    try:
+        first = run(*chunks[0])
+        return [first, *(future.result() for future in futures)]
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+# ------------------------------------------------------------ one tokenizer, many threads
+Truncation = tuple[int, int] | None
+"""A Rust tokenizer setting: ``(max_length, stride)`` of ``only_second`` truncation, or
+``None`` for none."""
+
+
+class _SharedBackend:
+    """The Rust tokenizer shared by every thread without a process-wide lock.
+
+    Encoding only reads the tokenizer (several threads at once are fine); setting its
+    truncation writes it. Calls are admitted first come first served: a call joins the
+    running ones when it needs the same setting, else it waits until they finish and then
+    applies its own.
+    """
+
+    def __init__(self, backend: Tokenizer, direction: str) -> None:
+        self._backend = backend
+        self._direction = direction
+        self._changed = threading.Condition()
+        self._setting: Truncation | str = "unset"
+        self._users = 0
+        self._next_ticket = 0
+        self._serving = 0
+
+    @contextmanager
+    def using(self, setting: Truncation) -> Iterator[Tokenizer]:
+        with self._changed:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._changed.wait_for(
+                lambda: self._serving == ticket and (self._users == 0 or self._setting == setting)
+            )
+            if self._setting != setting:
+                self._apply(setting)
+            self._users += 1
+            self._serving += 1
+            self._changed.notify_all()
+        try:
+            yield self._backend
+        finally:
+            with self._changed:
+                self._users -= 1
+                self._changed.notify_all()
+
+    def _apply(self, setting: Truncation) -> None:
+        self._backend.no_padding()
+        if setting is None:
+            self._backend.no_truncation()
+        else:
+            max_length, stride = setting
+            self._backend.enable_truncation(
+                max_length, stride=stride, strategy="only_second", direction=self._direction
+            )
+        self._setting = setting
+
+
+# ------------------------------------------------------------------------ the cut
+def char_budget(tokens: int) -> int:
+    """Characters a cut keeps for a text that must yield ``tokens`` tokens."""
+    return int((tokens + CUT_MARGIN_TOKENS) * CHARS_PER_TOKEN) + 1
+
+
+def cut_point(text: str, limit: int) -> int:
+    """Where to cut ``text`` to about ``limit`` characters: at the next space within
+    ``_SPACE_SEARCH`` characters (a word boundary), else inside the word, past the end of
+    a periodic run the cut would split (see :func:`periodic_run_end`); its length if
+    shorter."""
+    if len(text) <= limit:
+        return len(text)
+    space = text.find(" ", limit, limit + _SPACE_SEARCH)
+    if space != -1:
+        return space
+    end = periodic_run_end(text, limit)
+    if end == limit:
+        return limit
+    space = text.find(" ", end, end + _SPACE_SEARCH)
+    return min(len(text), end + _SPACE_SEARCH) if space == -1 else space
+
+
+def periodic_run_end(text: str, pos: int) -> int:
+    """End of the run of a short repeated pattern (period up to ``_MAX_PERIOD``) that
+    ``pos`` is inside of; ``pos`` when it is not inside one.
+
+    How the tokenizer splits a long run such as ``"0" * n`` or ``"ab" * n`` into pieces
+    depends on the run's whole length, down to its first pieces, so a cut must keep the
+    whole run. Runs are followed up to ``_MAX_RUN_CHARS`` characters past ``pos``: a longer
+    one is cut there, the one case in which the first tokens may differ from the full
+    text's (bounded work wins over a pathological input).
+    """
+    period = next(
+        (
+            p
+            for p in range(1, _MAX_PERIOD + 1)
+            if pos >= max(16, 3 * p)
+            and text[pos - max(16, 3 * p) + p : pos] == text[pos - max(16, 3 * p) : pos - p]
+        ),
+        None,
+    )
+    if period is None:
+        return pos
+    end, cap, block = pos, min(len(text), pos + _MAX_RUN_CHARS), 1024
+    while end < cap:
+        stop = min(end + block, cap)
+        if text[end:stop] != text[end - period : stop - period]:
+            while text[end] == text[end - period]:
+                end += 1
+            return end
+        end, block = stop, 2 * block
+    return end
+
+
+Encode = Callable[[list[int], list[str]], list[Encoding]]
+"""Encode the texts given (cut versions of the texts at the indices given)."""
+
+
+def encode_cut(
+    texts: Sequence[str],
+    needs: Sequence[int | None],
+    encode: Encode,
+    yielded: Callable[[int, Encoding], int],
+) -> list[Encoding]:
+    """Encodings of ``texts``, each tokenized from a cut that yields its first ``needs[i]``
+    tokens (``None``: the whole text) exactly as the whole text does.
+
+    ``yielded(i, encoding)`` counts the tokens text ``i``'s cut yielded; a cut that yielded
+    fewer than ``needs[i] + CUT_MARGIN_TOKENS`` is retried twice as long.
+    """
+    limits = [
+        len(text) if need is None else char_budget(need)
+        for text, need in zip(texts, needs, strict=True)
+    ]
+    out: list[Encoding | None] = [None] * len(texts)
+    todo = list(range(len(texts)))
+    while todo:
+        cuts = [cut_point(texts[i], limits[i]) for i in todo]
+        # Scrubbed after the cut (one code point for one keeps every offset): a long
+        # document is never scanned whole.
+        cut_texts = [texts[i][:cut] for i, cut in zip(todo, cuts, strict=True)]
+        encodings = encode(todo, scrub_surrogates(cut_texts))
+        retry = []
+        for i, cut, encoding in zip(todo, cuts, encodings, strict=True):
+            need = needs[i]
+            was_cut = need is not None and cut < len(texts[i])
+            if was_cut and yielded(i, encoding) < (need or 0) + CUT_MARGIN_TOKENS:
+                limits[i] *= 2
+                retry.append(i)
+            else:
+                out[i] = encoding
+        todo = retry
+    return [e for e in out if e is not None]
+
+
+def document_tokens(encoding: Encoding, stride: int) -> int:
+    """Document (second sequence) tokens a truncated pair encoding covers, its overflowing
+    windows included (consecutive windows share ``stride`` tokens)."""
+    windows = [encoding, *encoding.overflowing]
+    return sum(w.sequence_ids.count(1) for w in windows) - stride * (len(windows) - 1)
+
+
 class PairTokenizer:
     """Thread-safe wrapper around a fast tokenizer that encodes (query, document) pairs.
 
@@ -134,80 +422,109 @@ class PairTokenizer:
                 f"query_max_length={query_max_length} leaves no room for the document within "
                 f"max_length={max_length} ({self.special_tokens_in_pair} special tokens per pair)"
             )
-        # The Rust tokenizer keeps mutable truncation/padding state: one call at a time.
-        self._lock = threading.Lock()
+        side = tokenizer.truncation_side
+        self._backend = _SharedBackend(tokenizer.backend_tokenizer, side)
+        # A cut keeps a text's first tokens, which right-side truncation keeps.
+        self._cuts = side == "right"
 
     def cap_queries(self, queries: Sequence[str]) -> list[str]:
         """Cut each query to its first ``query_max_length`` tokens (returned as text)."""
-        return self._cut(queries, self.query_max_length)
+        return self._cut(queries, self.query_max_length)[0]
 
     def cap_documents(self, documents: Sequence[str], max_tokens: int) -> list[str]:
         """Cut each document to its first ``max_tokens`` tokens (returned as text), e.g. for
         the Cohere API's ``max_tokens_per_doc``; cutting the text, not the ids, keeps score
         caches keyed by what was actually scored."""
-        documents = scrub_surrogates(documents)
-        with self._lock:
-            return self._cut(documents, max_tokens)
+        return scrub_surrogates(self._cut(documents, max_tokens)[0])
 
-    def _cut(self, texts: Sequence[str], max_tokens: int) -> list[str]:
-        """Each text cut at the character end of its ``max_tokens``-th token (special tokens
-        not counted); the caller holds the lock."""
-        enc = self.tokenizer(
-            list(texts),
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
-        capped = list(texts)
-        for i, offsets in enumerate(enc["offset_mapping"]):
-            if len(offsets) > max_tokens:
-                capped[i] = texts[i][: offsets[max_tokens - 1][1]]
-        return capped
-
-    def token_counts(self, texts: Sequence[str]) -> np.ndarray:
-        """Untruncated token count of each text, special tokens not counted.
+    def token_counts(self, texts: Sequence[str], at_most: int | None = None) -> np.ndarray:
+        """Token count of each text, special tokens not counted.
 
         A pair's untruncated length is its query's count plus its document's count plus
         ``special_tokens_in_pair``; callers use it to refuse rather than truncate input.
+        With ``at_most``, a text is tokenized only as far as needed to tell whether it has
+        more: a count above ``at_most`` is then a lower bound.
         """
-        texts = scrub_surrogates(texts)
-        with self._lock:
-            enc = self.tokenizer(
-                texts,
-                add_special_tokens=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )
-        ids: list[list[int]] = enc["input_ids"]
-        return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        need = None if at_most is None else at_most + 1
+        encodings = self._encode_texts(list(texts), need, offsets=False)
+        return np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
 
-    def _encode_pairs(self, queries: list[str], documents: list[str]) -> list[Any]:
-        """The Rust tokenizer's encodings of the pairs (caller holds the lock).
+    def _encode_texts(self, texts: list[str], need: int | None, *, offsets: bool) -> list[Encoding]:
+        """Encodings of single texts without special tokens, each exact in its first
+        ``need`` tokens (``None``: all of them)."""
+
+        def encode(_: list[int], cut: list[str]) -> list[Encoding]:
+            with self._backend.using(None) as backend:
+                if offsets:
+                    return list(backend.encode_batch(cut, add_special_tokens=False))
+                return list(_fast_encode(backend)(cut, add_special_tokens=False))
+
+        need = need if self._cuts else None
+        return encode_cut(texts, [need] * len(texts), encode, lambda _, e: len(e.ids))
+
+    def _cut(self, texts: Sequence[str], max_tokens: int) -> tuple[list[str], list[int]]:
+        """Each text cut at the character end of its ``max_tokens``-th token (special tokens
+        not counted), and its token count after the cut."""
+        encodings = self._encode_texts(list(texts), max_tokens, offsets=True)
+        capped, counts = list(texts), []
+        for i, encoding in enumerate(encodings):
+            if len(encoding.ids) > max_tokens:
+                capped[i] = texts[i][: encoding.offsets[max_tokens - 1][1]]
+            counts.append(min(len(encoding.ids), max_tokens))
+        return capped, counts
+
+    def _capped(self, queries: list[str]) -> tuple[list[str], list[int]]:
+        """``queries`` cut to ``query_max_length`` tokens (each distinct query tokenized
+        once), and their token counts."""
+        distinct = list(dict.fromkeys(queries))
+        capped, counts = self._cut(distinct, self.query_max_length)
+        by_query = {q: (c, n) for q, c, n in zip(distinct, capped, counts, strict=True)}
+        return [by_query[q][0] for q in queries], [by_query[q][1] for q in queries]
+
+    def encode(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        *,
+        cancel: threading.Event | None = None,
+    ) -> EncodedPairs:
+        """Encode pair ``i`` = ``(queries[i], documents[i])``; callers pass validated input.
+
+        Split over crossrank's threads (module docstring); ``cancel`` stops it between
+        chunks with ``concurrent.futures.CancelledError``.
+        """
+        queries = scrub_surrogates(queries)
+        documents = list(documents)  # surrogates are scrubbed after the cut
+        if not documents:
+            return EncodedPairs.concat([])
+        capped, counts = self._capped(queries)
+        rooms = [self.max_length - n - self.special_tokens_in_pair for n in counts]
+
+        def chunk(lo: int, hi: int) -> EncodedPairs:
+            encodings = self._encode_pairs(capped[lo:hi], documents[lo:hi], rooms[lo:hi])
+            type_ids = [e.type_ids for e in encodings] if self.returns_type_ids else None
+            return self._flat([e.ids for e in encodings], type_ids)
+
+        return EncodedPairs.concat(split_call(chunk, len(documents), cancel))
+
+    def _encode_pairs(
+        self, queries: list[str], documents: list[str], rooms: list[int]
+    ) -> list[Encoding]:
+        """The Rust tokenizer's encodings of the pairs, documents cut to their ``rooms``.
 
         Calls the backend directly, with the truncation that ``tokenizer(queries, documents,
         truncation="only_second", max_length=max_length)`` sets: the same ids, without the
         Python-side conversion of every encoding (about a third of the time; measured in
         ``benchmarks/gpu_peers.py --micro``). Offsets are not computed.
         """
-        backend = self.tokenizer.backend_tokenizer
-        backend.enable_truncation(
-            self.max_length, strategy="only_second", direction=self.tokenizer.truncation_side
-        )
-        backend.no_padding()
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return list(encode(list(zip(queries, documents, strict=True))))
 
-    def encode(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPairs:
-        """Encode pair ``i`` = ``(queries[i], documents[i])``; callers pass validated input."""
-        queries = scrub_surrogates(queries)
-        documents = scrub_surrogates(documents)
-        if not documents:
-            return EncodedPairs.concat([])
-        with self._lock:
-            encodings = self._encode_pairs(self._capped(queries), documents)
-        type_ids = [e.type_ids for e in encodings] if self.returns_type_ids else None
-        return self._flat([e.ids for e in encodings], type_ids)
+        def encode(chosen: list[int], cut: list[str]) -> list[Encoding]:
+            pairs = [(queries[i], text) for i, text in zip(chosen, cut, strict=True)]
+            with self._backend.using((self.max_length, 0)) as backend:
+                return list(_fast_encode(backend)(pairs))
+
+        needs = rooms if self._cuts else [None] * len(rooms)
+        return encode_cut(documents, needs, encode, lambda _, e: document_tokens(e, 0))
 
     def encode_windows(
         self,
@@ -216,78 +533,91 @@ class PairTokenizer:
         *,
         window_tokens: int | None,
         overlap: int | None,
+        max_windows: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> EncodedPairs:
         """Encode each pair as one row per document window (``pair_index``/``spans`` set).
 
         A window holds up to ``window_tokens`` document tokens (``None``: all the room
         ``max_length`` leaves after the capped query) and starts ``overlap`` tokens
         (``None``: an eighth of the window) before the previous one ends. A document that
-        fits in one window gives exactly the row :meth:`encode` gives. The fast tokenizer
-        cuts the windows itself (``return_overflowing_tokens`` with ``stride``) in one call
-        per window layout; pairs whose queries have the same token count share a layout, so
-        a call with one query is a single tokenizer call.
+        fits in one window gives exactly the row :meth:`encode` gives. Only a document's
+        first ``max_windows`` windows are kept (``None``: all), and its text is cut to what
+        they need. The fast tokenizer cuts the windows itself (truncation with a stride and
+        overflowing encodings) in one call per window layout and chunk; pairs whose queries
+        have the same token count share a layout.
         """
         queries = scrub_surrogates(queries)
-        documents = scrub_surrogates(documents)
+        documents = list(documents)  # surrogates are scrubbed after the cut
         if not documents:
             empty = EncodedPairs.concat([])
-            return replace(
-                empty, pair_index=np.zeros(0, np.int64), spans=np.zeros((0, 2), np.int64)
-            )
-        with self._lock:
-            capped = self._capped(queries)
-            distinct = list(dict.fromkeys(capped))
-            counted = self.tokenizer(
-                distinct,
-                add_special_tokens=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )["input_ids"]
-            query_tokens = {q: len(ids) for q, ids in zip(distinct, counted, strict=True)}
-            # Pairs whose windows share max_length and stride go through one tokenizer call.
+            return EncodedPairs(
+                empty.ids, empty.offsets, empty.lengths, None, np.zeros(0, np.int64),
+                np.zeros((0, 2), np.int64),
+            )  # fmt: skip
+        capped, _ = self._capped(queries)
+        distinct = list(dict.fromkeys(capped))
+        counted = self._encode_texts(distinct, None, offsets=False)
+        fixed = {
+            q: len(e.ids) + self.special_tokens_in_pair
+            for q, e in zip(distinct, counted, strict=True)
+        }
+
+        def chunk(lo: int, hi: int) -> EncodedPairs:
             layouts: dict[tuple[int, int], list[int]] = {}
-            for i, query in enumerate(capped):
-                fixed = query_tokens[query] + self.special_tokens_in_pair
-                room = self.max_length - fixed
+            for i in range(lo, hi):
+                room = self.max_length - fixed[capped[i]]
                 if window_tokens is not None:
                     room = min(room, window_tokens)
                 stride = room // 8 if overlap is None else overlap
                 # Rust panics unless stride < room; engine settings guarantee it, this keeps
                 # it true even if a capped query re-tokenizes a token longer.
-                layout = (fixed + room, max(0, min(stride, room - 1)))
+                layout = (fixed[capped[i]] + room, max(0, min(stride, room - 1)))
                 layouts.setdefault(layout, []).append(i)
-            encodings = []
-            for (max_length, stride), members in layouts.items():
-                enc = self.tokenizer(
-                    [capped[i] for i in members],
-                    [documents[i] for i in members],
-                    truncation="only_second",
-                    max_length=max_length,
-                    stride=stride,
-                    return_overflowing_tokens=True,
-                    return_attention_mask=False,
-                    return_token_type_ids=self.returns_type_ids,
-                )
-                sample = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
-                encodings.append((enc, np.asarray(members, dtype=np.int64)[sample]))
-        input_ids = [row for enc, _ in encodings for row in enc["input_ids"]]
-        type_ids = (
-            [row for enc, _ in encodings for row in enc["token_type_ids"]]
-            if self.returns_type_ids
-            else None
-        )
-        spans = np.array(
-            [_document_span(e) for enc, _ in encodings for e in enc.encodings], dtype=np.int64
-        ).reshape(-1, 2)
-        pair_index = np.concatenate([rows for _, rows in encodings])
-        flat = self._flat(input_ids, type_ids)
-        return EncodedPairs(flat.ids, flat.offsets, flat.lengths, flat.type_ids, pair_index, spans)
+            parts = [
+                self._windows(layout, members, capped, documents, fixed, max_windows)
+                for layout, members in layouts.items()
+            ]
+            return EncodedPairs.concat(parts)
 
-    def _capped(self, queries: list[str]) -> list[str]:
-        """``queries`` cut to ``query_max_length`` tokens (each distinct query tokenized once)."""
-        distinct = list(dict.fromkeys(queries))
-        capped = dict(zip(distinct, self.cap_queries(distinct), strict=True))
-        return [capped[q] for q in queries]
+        return EncodedPairs.concat(split_call(chunk, len(documents), cancel))
+
+    def _windows(
+        self,
+        layout: tuple[int, int],
+        members: list[int],
+        queries: list[str],
+        documents: list[str],
+        fixed: dict[str, int],
+        max_windows: int | None,
+    ) -> EncodedPairs:
+        """The window rows of the pairs ``members`` that share one layout."""
+        max_length, stride = layout
+
+        def encode(chosen: list[int], cut: list[str]) -> list[Encoding]:
+            pairs = [(queries[members[k]], text) for k, text in zip(chosen, cut, strict=True)]
+            with self._backend.using(layout) as backend:
+                return list(backend.encode_batch(pairs))
+
+        needs: list[int | None] = []
+        for i in members:
+            room = max_length - fixed[queries[i]]
+            covered = None if max_windows is None else (max_windows - 1) * (room - stride) + room
+            needs.append(covered if self._cuts else None)
+        docs = [documents[i] for i in members]
+        encodings = encode_cut(docs, needs, encode, lambda _, e: document_tokens(e, stride))
+        windows, pair_index = [], []
+        for i, encoding in zip(members, encodings, strict=True):
+            rows = [encoding, *encoding.overflowing][:max_windows]
+            windows.extend(rows)
+            pair_index.extend([i] * len(rows))
+        type_ids = [w.type_ids for w in windows] if self.returns_type_ids else None
+        flat = self._flat([w.ids for w in windows], type_ids)
+        spans = np.array([_document_span(w) for w in windows], dtype=np.int64).reshape(-1, 2)
+        return EncodedPairs(
+            flat.ids, flat.offsets, flat.lengths, flat.type_ids,
+            np.asarray(pair_index, dtype=np.int64), spans,
+        )  # fmt: skip
 
     def _flat(self, input_ids: list[list[int]], type_ids: list[list[int]] | None) -> EncodedPairs:
         lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
@@ -296,6 +626,11 @@ class PairTokenizer:
         total = int(lengths.sum())
         flat_types = _flatten(type_ids, total) if type_ids is not None else None
         return EncodedPairs(_flatten(input_ids, total), offsets, lengths, flat_types)
+
+
+def _fast_encode(backend: Tokenizer) -> Any:
+    """``encode_batch_fast`` (no character offsets) where this tokenizers version has it."""
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)
 
 
 def _document_span(encoding: Encoding) -> tuple[int, int]:
