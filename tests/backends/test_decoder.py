@@ -241,3 +241,29 @@ def test_seq_cls_conversion_matches_transformers(tiny_qwen3_seq_cls_dir: Path):
                 float(model(input_ids=torch.from_numpy(encoded.ids[o : o + n])[None]).logits[0, 0])
             )
     np.testing.assert_allclose(logits[:, 0], expected, atol=1e-4)
+
+
+def test_windows_cover_a_long_document(tiny_qwen3_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    prompt = PromptTokenizer(tokenizer, QWEN3, max_length=8192, query_max_length=64)
+    long_doc = " ".join(f"sentence {i} about the history of Paris." for i in range(60))
+    queries, docs = ["Where is Paris?", "Explain gravity"], [long_doc, SAMPLE_DOCUMENTS[1]]
+    windows = prompt.encode_windows(queries, docs, window_tokens=100, overlap=10)
+    assert windows.pair_index is not None and windows.spans is not None
+    first = windows.pair_index == 0
+    assert first.sum() > 3 and windows.pair_index[~first].tolist() == [1]
+    starts, ends = windows.spans[first, 0], windows.spans[first, 1]
+    assert starts[0] == 0 and ends[-1] == len(long_doc)
+    assert (starts[1:] < ends[:-1]).all()  # consecutive windows overlap
+    for row in np.flatnonzero(first):
+        text = tokenizer.decode(
+            windows.ids[windows.offsets[row] : windows.offsets[row] + windows.lengths[row]].tolist()
+        )
+        start, end = windows.spans[row]
+        assert text.endswith(f"<Document>: {long_doc[start:end]}{CARD_SUFFIX}")
+        assert "<Query>: Where is Paris?\n" in text
+    # a document that fits is the row encode() gives
+    whole = prompt.encode(queries[1:], docs[1:])
+    last = int(np.flatnonzero(~first)[0])
+    row = windows.ids[windows.offsets[last] : windows.offsets[last] + windows.lengths[last]]
+    assert row.tolist() == whole.ids.tolist()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -286,9 +286,51 @@ class PromptTokenizer(PairTokenizer):
         *,
         window_tokens: int | None,
         overlap: int | None,
+        instruction: str | None = None,
     ) -> EncodedPairs:
-        raise NotImplementedError(
-            "long-document windows are not implemented for decoder rerankers yet"
+        """One row per document window (``pair_index``/``spans`` set), as
+        :meth:`PairTokenizer.encode_windows`: a window holds up to ``window_tokens`` document
+        tokens (``None``: all the room the pair's prompt leaves) and starts ``overlap`` tokens
+        (``None``: an eighth of the window) before the previous one ends. Windows are cut on
+        the document's own tokens and re-rendered into the template as text, so each row is a
+        complete prompt; a document that fits gives exactly the row :meth:`encode` gives."""
+        queries = scrub_surrogates(queries)
+        documents = scrub_surrogates(documents)
+        if not documents:
+            empty = EncodedPairs.concat([])
+            return replace(
+                empty, pair_index=np.zeros(0, np.int64), spans=np.zeros((0, 2), np.int64)
+            )
+        instruction = self.instruction if instruction is None else instruction
+        with self._lock:
+            capped = self._capped(queries)
+            fixed = self._rows(capped, [""] * len(capped), instruction)
+            offsets = self.tokenizer(
+                documents,
+                add_special_tokens=False,
+                return_offsets_mapping=True,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["offset_mapping"]
+            window_queries, window_texts, pair_index, spans = [], [], [], []
+            for i, document in enumerate(documents):
+                room = self.max_length - len(fixed[i])
+                if window_tokens is not None:
+                    room = min(room, window_tokens)
+                stride = room // 8 if overlap is None else overlap
+                for start, end in _windows(len(offsets[i]), room, min(stride, room - 1)):
+                    span = (offsets[i][start][0], offsets[i][end - 1][1]) if end else (0, 0)
+                    whole = start == 0 and end == len(offsets[i])
+                    window_queries.append(capped[i])
+                    window_texts.append(document if whole else document[span[0] : span[1]])
+                    pair_index.append(i)
+                    spans.append(span)
+            rows = self._rows(window_queries, window_texts, instruction)
+        flat = self._flat(rows, None)
+        return replace(
+            flat,
+            pair_index=np.asarray(pair_index, dtype=np.int64),
+            spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
         )
 
     def _rows(self, queries: list[str], documents: list[str], instruction: str) -> list[list[int]]:
@@ -342,6 +384,15 @@ class PromptTokenizer(PairTokenizer):
         backend.no_padding()
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def _windows(tokens: int, room: int, stride: int) -> list[tuple[int, int]]:
+    """Token ranges ``[start, end)`` of the windows of a ``tokens``-token document: ``room``
+    tokens each, each starting ``stride`` tokens before the previous one ends."""
+    if tokens <= room:
+        return [(0, tokens)]
+    step = room - stride
+    return [(s, min(s + room, tokens)) for s in range(0, tokens - stride, step)]
 
 
 def decoder_head(
