@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from crossrank.backends.decoder import BGE_GEMMA, QWEN3, DecoderPaddedRunner, PromptTokenizer
 from crossrank.backends.decoder_packed import (
     DecoderPackedRunner,
+    _graph_key,
     common_prefix,
     pack_with_prefix,
     unsupported_reason,
@@ -106,3 +107,18 @@ def test_encoders_are_refused(tiny_model_dir: Path):
     from transformers import AutoModelForSequenceClassification as Auto
 
     assert "not one of" in (unsupported_reason(Auto.from_pretrained(tiny_model_dir)) or "")
+
+
+@pytest.mark.parametrize("make_pairs", [one_query, many_queries], ids=["1xN", "NxM"])
+def test_graph_layout_gives_the_same_logits(tiny_qwen3_dir: Path, make_pairs):
+    """A pass laid out in a CUDA graph's padded shape (filler and empty sequences) gives the
+    real pairs' logits unchanged; checked through the CPU attention path."""
+    prompt, _, packed, _ = runners(tiny_qwen3_dir, QWEN3)
+    encoded = prompt.encode(*make_pairs())
+    batch = pack_with_prefix(encoded, common_prefix(encoded))
+    key = _graph_key(batch)
+    assert key[0] % 256 == 0 and key[0] > batch.ids.shape[0] - 256
+    with torch.inference_mode():
+        graphed = packed._forward(packed._upload(batch, key))[: len(encoded)]
+        eager = packed._forward(packed._upload(batch))
+    np.testing.assert_allclose(graphed.numpy(), eager.numpy(), atol=1e-5)
