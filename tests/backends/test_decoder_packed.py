@@ -14,6 +14,7 @@ from crossrank.backends.decoder import BGE_GEMMA, QWEN3, DecoderPaddedRunner, Pr
 from crossrank.backends.decoder_packed import (
     DecoderPackedRunner,
     _graph_key,
+    choose_decoder_runner,
     common_prefix,
     pack_with_prefix,
     unsupported_reason,
@@ -122,3 +123,14 @@ def test_graph_layout_gives_the_same_logits(tiny_qwen3_dir: Path, make_pairs):
         graphed = packed._forward(packed._upload(batch, key))[: len(encoded)]
         eager = packed._forward(packed._upload(batch))
     np.testing.assert_allclose(graphed.numpy(), eager.numpy(), atol=1e-5)
+
+
+def test_runner_choice_on_cpu(tiny_qwen3_dir: Path):
+    prompt, *_ = runners(tiny_qwen3_dir, QWEN3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32)
+    cpu = torch.device("cpu")
+    args = (model, cpu, prompt.pad_id, QWEN3, prompt.answer_ids)
+    assert isinstance(choose_decoder_runner(*args, None), DecoderPaddedRunner)
+    assert isinstance(choose_decoder_runner(*args, False), DecoderPaddedRunner)
+    assert isinstance(choose_decoder_runner(*args, True), DecoderPackedRunner)
+    assert "bfloat16" in (unsupported_reason(model, torch.device("cuda")) or "")

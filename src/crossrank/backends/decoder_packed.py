@@ -41,7 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from crossrank.backends.decoder import DecoderFamily, decoder_body, decoder_head
+from crossrank.backends.decoder import (
+    DecoderFamily,
+    DecoderPaddedRunner,
+    decoder_body,
+    decoder_head,
+)
 from crossrank.runners import Pending, Runner, device_result, on_device
 from crossrank.tokenization import EncodedPairs
 
@@ -51,9 +56,16 @@ _SUPPORTED_TYPES = frozenset({"qwen3", "qwen2", "llama", "gemma"})
 _MAX_PREFIX_SCAN = 2048  # tokens compared when looking for the common prefix
 
 
-def unsupported_reason(model: PreTrainedModel) -> str | None:
-    """Why the packed decoder runner cannot run ``model`` (``None`` when it can)."""
+def unsupported_reason(model: PreTrainedModel, device: torch.device | None = None) -> str | None:
+    """Why the packed decoder runner cannot run ``model`` (on ``device``; ``None`` when it can)."""
     config = model.config
+    dtype = next(model.parameters()).dtype
+    if (
+        device is not None
+        and device.type == "cuda"
+        and dtype not in (torch.float16, torch.bfloat16)
+    ):
+        return f"flash attention needs float16 or bfloat16 weights, not {dtype}"
     model_type = getattr(config, "model_type", "")
     if model_type not in _SUPPORTED_TYPES:
         return f"model type {model_type!r} is not one of {sorted(_SUPPORTED_TYPES)}"
@@ -362,7 +374,7 @@ class DecoderPackedRunner(Runner):
         cuda_graphs: bool = True,
         graph_max_tokens: int = 4096,
     ) -> None:
-        reason = unsupported_reason(model)
+        reason = unsupported_reason(model, device)
         if reason is not None:
             raise ValueError(f"the packed decoder path cannot run this model: {reason}")
         config = model.config
@@ -498,3 +510,27 @@ class DecoderPackedRunner(Runner):
             gate, up = F.linear(layer.post_norm(x), layer.gate_up_w).chunk(2, dim=-1)
             x = x + F.linear(layer.act(gate) * up, layer.down_w)
         return F.linear(self.final_norm(x), self.head_w, self.head_b)
+
+
+def choose_decoder_runner(
+    model: PreTrainedModel,
+    device: torch.device,
+    pad_id: int,
+    family: DecoderFamily,
+    answer_ids: Sequence[int],
+    fast_path: bool | None,
+) -> Runner:
+    """The runner for a decoder reranker, with the encoder rule of ``choose_runner``:
+    ``None`` (auto) picks the packed runner on CUDA in fp16/bf16 where it applies, the padded
+    reference runner elsewhere; ``False`` always the padded runner; ``True`` the packed runner
+    or a ``ValueError`` saying why it cannot run."""
+    if fast_path is False:
+        return DecoderPaddedRunner(model, device, pad_id, family, answer_ids)
+    reason = unsupported_reason(model, device)
+    if fast_path is None and (device.type != "cuda" or reason is not None):
+        if device.type == "cuda":
+            logger.info("packed decoder path off: %s", reason)
+        return DecoderPaddedRunner(model, device, pad_id, family, answer_ids)
+    if reason is not None:
+        raise ValueError(f"fast_path was requested but cannot be used: {reason}")
+    return DecoderPackedRunner(model, device, family, answer_ids)
