@@ -90,7 +90,7 @@ BatchObserver = Callable[[int, int], None]
 """Called after each forward pass with (pairs, tokens computed)."""
 
 Pending = Callable[[], np.ndarray]
-"""A queued forward pass: call it to wait for its raw scores (``crossrank.runners.Pending``)."""
+"""A queued forward pass: call it to wait for its raw scores (``crossrank.backends.base.Pending``)."""
 
 Submit = Callable[[EncodedPairs], Pending]
 
