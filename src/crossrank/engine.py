@@ -29,7 +29,7 @@ from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batc
 from crossrank.cache import CacheStats, ScoreCache, open_cache
 from crossrank.loading import load
 from crossrank.longdoc import DocScores, LongDocs, aggregate
-from crossrank.options import DEFAULT_MODEL, EngineOptions
+from crossrank.options import DEFAULT_MODEL, EngineOptions, args_docstring
 from crossrank.peer_api import PeerCompat
 from crossrank.result import RerankResult, sigmoid, to_results
 from crossrank.tokenization import EncodedPairs, PairTokenizer
@@ -493,3 +493,7 @@ class Reranker(PeerCompat):
 
     def _finish(self, raw: np.ndarray, normalize: bool | None) -> np.ndarray:
         return sigmoid(raw) if (self.normalize if normalize is None else normalize) else raw
+
+
+# The Args of every engine option, generated from their one declaration (crossrank.options).
+Reranker.__init__.__doc__ = f"{Reranker.__init__.__doc__}\n\n{args_docstring()}\n"

@@ -386,3 +386,12 @@ def option_fields(*, flags_only: bool = True) -> Iterator[OptionField]:
             spec.metadata["envvar"],
             annotation,
         )
+
+
+def args_docstring(indent: str = "        ") -> str:
+    """A Google-style ``Args:`` section listing every option with its default and help, for
+    the docstrings of the classes that take them (generated, so it never drifts)."""
+    lines = [f"{indent}Args:"]
+    for spec in dataclasses.fields(EngineOptions):
+        lines.append(f"{indent}    {spec.name} (default {spec.default!r}): {spec.metadata['help']}")
+    return "\n".join(lines)
