@@ -425,14 +425,16 @@ class Bench:
                 f"crossrank ({fp}, fast path)", self._scorer(self.crossrank(model, fp, fast_on))
             ),
         )
-        self.guarded(
-            self.rows,
-            f"crossrank ({fp}, padded, fast_path=False)",
-            lambda: self.measure(
+        main_only = self.args.main_only
+        if not main_only:
+            self.guarded(
+                self.rows,
                 f"crossrank ({fp}, padded, fast_path=False)",
-                self._scorer(self.crossrank(model, fp, False)),
-            ),
-        )
+                lambda: self.measure(
+                    f"crossrank ({fp}, padded, fast_path=False)",
+                    self._scorer(self.crossrank(model, fp, False)),
+                ),
+            )
         gpus = torch.cuda.device_count() if device.type == "cuda" else 0
         if gpus >= 2 and not smoke:  # one process, one replica per GPU (issue 7's multi-GPU)
             devices = [f"cuda:{i}" for i in range(gpus)]
@@ -448,12 +450,14 @@ class Bench:
         self.guarded(
             self.rows, "FlagEmbedding FlagReranker fp16, batch 128", lambda: self.flag(model)
         )
-        for batch in (32, 128):
+        for batch in (128,) if main_only else (32, 128):
             self.guarded(
                 self.rows,
                 f"sentence-transformers CrossEncoder fp16, batch {batch}",
                 lambda b=batch: self.cross_encoder(model, b),
             )
+        if main_only:  # crossrank and its peers only: runs that compare settings
+            return
         # ---- model-only rates (no tokenization)
         self.guarded(
             self.rows,
@@ -955,6 +959,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0,
         help="skip the remaining systems once this many seconds have passed",
+    )
+    parser.add_argument(
+        "--main-only",
+        action="store_true",
+        help="crossrank (fast path), FlagReranker and CrossEncoder batch 128 only: no padded "
+        "engine row, model-only rows or ablation (for comparing environments in one lease)",
     )
     parser.add_argument(
         "--workload",
