@@ -10,8 +10,8 @@ scores -> optional sigmoid.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from crossrank.batching import BatchObserver, MicroBatcher, plan_batches
 from crossrank.cache import Cache, CacheStats, ScoreCache, open_cache
 from crossrank.dispatch import chunk_sizes, run_on_devices, score_overlapped
+from crossrank.fingerprint import model_identity
 from crossrank.loading import load, resolve_device, resolve_dtype
 from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.options import EngineOptions
@@ -66,8 +67,6 @@ class _Job:
     encoded: EncodedPairs  # rows of the misses (one per pair, or per window)
     keys: list[str] | None = None  # cache keys of all pairs, when a cache is set
     cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
-
-
 
 
 def check_options(**options: Any) -> LongDocs:
@@ -226,7 +225,11 @@ class Reranker:
             None
             if cache_backend is None
             else ScoreCache(
-                cache_backend, self._cache_fingerprint(), with_spans=self.long_docs.chunked
+                cache_backend,
+                self._cache_fingerprint(
+                    model_identity(loaded.source, revision=revision, hub=loaded.hub)
+                ),
+                with_spans=self.long_docs.chunked,
             )
         )
         self.runner: Runner
@@ -610,14 +613,13 @@ class Reranker:
             self._cache.put([job.keys[i] for i in job.misses], fresh.raw, fresh.spans)
         return DocScores(raw, spans)
 
-    def _cache_fingerprint(self) -> str:
-        """Everything besides the pair that changes a raw score (``normalize`` does not)."""
-        expanded = os.path.expanduser(self.model_name)
-        model = os.path.abspath(expanded) if os.path.exists(expanded) else self.model_name
+    def _cache_fingerprint(self, identity: dict[str, str]) -> str:
+        """Everything besides the pair that changes a raw score (``normalize`` does not);
+        ``identity`` is the model's :func:`~crossrank.fingerprint.model_identity`."""
         return "|".join(
             [
-                "crossrank-v2",
-                model,
+                "crossrank-v3",
+                json.dumps(identity, sort_keys=True),
                 str(self.revision),
                 str(self.dtype),
                 f"{self.backend}{'-int8' if self.quantize else ''}",
