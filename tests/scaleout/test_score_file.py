@@ -278,9 +278,12 @@ def test_a_non_finite_score_is_an_error_naming_the_line(
 
 
 _SLOW_SCORING = """
-import sys, time
+import signal, sys, time
 import numpy as np
 from crossrank.score_file import score_local_file
+
+# a shell starts background jobs with SIGINT ignored: restore Ctrl-C for the SIGINT case
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class SlowReranker:  # stands in for the model: one batch a second
     def score_pairs(self, pairs, normalize=None):
