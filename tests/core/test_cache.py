@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -423,3 +424,45 @@ def test_a_hub_model_is_identified_by_its_resolved_commit(tmp_path):
     (repo / "refs" / "main").write_text("b" * 40)  # upstream moved on, a new snapshot
     assert model_identity("org/reranker", hub=hub)["revision"] == "b" * 40
     assert model_identity("org/reranker", revision="a" * 40, hub=hub) == first
+
+
+# -------------------------------------------------------------- a bad cache URL (fault 17)
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [("redis://user:s3cret@127.0.0.1:99999/0", "Port out of range"), ("redis://:s3cret@h:abc", "")],
+)
+def test_a_bad_redis_port_is_named_as_the_cache_not_the_model(url, reason, tiny_model_dir):
+    pytest.importorskip("redis")
+    shown = url.replace("user:s3cret@", "").replace(":s3cret@", "")
+    for build in (
+        lambda: Reranker(str(tiny_model_dir), device="cpu", cache=url),
+        lambda: RedisCache(url),
+    ):
+        with pytest.raises(
+            ValueError, match=re.escape(f"cache URL {shown!r} is not valid")
+        ) as info:
+            build()
+        assert reason in str(info.value) and "s3cret" not in str(info.value)
+    assert (
+        getattr(_raised(lambda: Reranker(str(tiny_model_dir), cache=url)), "param", None) == "cache"
+    )
+
+
+def _raised(call: Callable[[], object]) -> BaseException:
+    with pytest.raises(Exception) as info:
+        call()
+    return info.value
+
+
+def test_serve_refuses_a_bad_redis_port_before_loading_the_model(tmp_path):
+    pytest.importorskip("fastapi")
+    from typer.testing import CliRunner
+
+    from crossrank.cli import app
+
+    url = "redis://user:s3cret@127.0.0.1:99999/0"
+    result = CliRunner().invoke(app, ["serve", "-m", str(tmp_path / "no-model"), "--cache", url])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "--cache" in output and "redis://127.0.0.1:99999/0" in output
+    assert "s3cret" not in output and "failed to load" not in output
