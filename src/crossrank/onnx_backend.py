@@ -31,7 +31,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -410,18 +410,38 @@ def build_runner(
     input_names = ["input_ids", "attention_mask"]
     if tokenizer.returns_type_ids:
         input_names.append("token_type_ids")
-    path = ensure_exported(
-        name=loaded.source,
-        identity=model_identity(loaded.source, revision=loaded.hub["revision"], hub=loaded.hub),
-        input_names=input_names,
-        quantize=quantize,
-        cache_dir=cache_dir,
-        load_model=lambda: load_weights(
-            loaded.source,
-            loaded.config,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            hub=loaded.hub,
-        ),
-    )
-    return OnnxRunner(path, tokenizer.pad_id)
+
+    def export() -> Path:
+        return ensure_exported(
+            name=loaded.source,
+            identity=model_identity(loaded.source, revision=loaded.hub["revision"], hub=loaded.hub),
+            input_names=input_names,
+            quantize=quantize,
+            cache_dir=cache_dir,
+            load_model=lambda: load_weights(
+                loaded.source,
+                loaded.config,
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                hub=loaded.hub,
+            ),
+        )
+
+    path = export()
+    try:
+        return OnnxRunner(path, tokenizer.pad_id)
+    except Exception as err:  # onnxruntime's own types (InvalidProtobuf, Fail ...)
+        logger.warning("cached ONNX model %s is unreadable (%s); exporting it again", path, err)
+        _discard_entries(path.parent)
+    return OnnxRunner(export(), tokenizer.pad_id)
+
+
+def _discard_entries(entry: Path) -> None:
+    """Remove a damaged cache entry and, for an int8 one, the fp32 export it was made from
+    (either may be the damaged file). Each is renamed away first, so no process finds a
+    half-deleted entry."""
+    for path in {entry, entry.with_name(entry.name.removesuffix("-int8"))}:
+        trash = path.with_name(f".{path.name}.damaged-{os.getpid()}")
+        with suppress(FileNotFoundError):
+            os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
