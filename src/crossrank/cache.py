@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast, runtime_checkable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -90,15 +90,19 @@ class RedisCache:
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
             raise ValueError(f"ttl must be a positive int (seconds) or None, got {ttl!r}")
         self.ttl = ttl
+        check_cache(url)
         parts = urlsplit(url)
         # Never keep (or log) the password that the URL may carry.
         self._where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        try:
+            self._client = redis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError as err:
+            raise ValueError(f"cache URL {_without_password(url)!r} is not valid: {err}") from None
 
     def __repr__(self) -> str:
         return f"RedisCache({self._where!r}, ttl={self.ttl})"
@@ -127,7 +131,10 @@ def check_cache(spec: object) -> None:
     if spec is None or isinstance(spec, Cache):
         return
     if isinstance(spec, str):
-        if spec == "memory" or spec.startswith(_URL_SCHEMES):
+        if spec == "memory":
+            return
+        if spec.startswith(_URL_SCHEMES):
+            _check_url(spec)
             return
         raise ValueError(
             "cache must be None, 'memory', a redis:// URL or a Cache object "
@@ -137,6 +144,21 @@ def check_cache(spec: object) -> None:
         "cache must be None, 'memory', a redis:// URL or a Cache object "
         f"(with get_many/set_many), got {type(spec).__name__}"
     )
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL whose port is not a number in 0-65535, naming the URL (a bad port
+    otherwise surfaces only when the engine is built, as a bare "Port out of range")."""
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing the port is the check
+    except ValueError as err:
+        raise ValueError(f"cache URL {_without_password(url)!r} is not valid: {err}") from None
+
+
+def _without_password(url: str) -> str:
+    """``url`` without the ``user:password@`` part it may carry."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def open_cache(spec: str | Cache | None) -> Cache | None:

@@ -10,8 +10,8 @@ scores -> optional sigmoid.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -27,6 +27,7 @@ from crossrank.backends.families import pair_lengths
 from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
 from crossrank.cache import CacheStats, ScoreCache, open_cache
+from crossrank.fingerprint import model_identity
 from crossrank.loading import load
 from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.options import DEFAULT_MODEL, EngineOptions, args_docstring
@@ -135,7 +136,8 @@ class Reranker(PeerCompat):
         )
         self._cache = None
         if cache_backend is not None:
-            fingerprint = self._cache_fingerprint()
+            identity = model_identity(loaded.source, revision=opts.revision, hub=loaded.hub)
+            fingerprint = self._cache_fingerprint(identity)
             self._cache = ScoreCache(cache_backend, fingerprint, with_spans=self.long_docs.chunked)
         self._call_pool = ThreadPoolExecutor(
             max_workers=len(devices) + 1, thread_name_prefix="crossrank-call"
@@ -468,14 +470,13 @@ class Reranker(PeerCompat):
             self._cache.put([job.keys[i] for i in job.misses], fresh.raw, fresh.spans)
         return DocScores(raw, spans)
 
-    def _cache_fingerprint(self) -> str:
-        """Everything besides the pair that changes a raw score (``normalize`` does not)."""
-        expanded = os.path.expanduser(self.model_name)
-        model = os.path.abspath(expanded) if os.path.exists(expanded) else self.model_name
+    def _cache_fingerprint(self, identity: dict[str, str]) -> str:
+        """Everything besides the pair that changes a raw score (``normalize`` does not);
+        ``identity`` is the model's :func:`~crossrank.fingerprint.model_identity`."""
         return "|".join(
             [
-                "crossrank-v2",
-                model,
+                "crossrank-v3",
+                json.dumps(identity, sort_keys=True),
                 str(self.revision),
                 str(self.dtype),
                 f"{self.backend}{'-int8' if self.quantize else ''}",

@@ -20,10 +20,12 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -308,6 +310,8 @@ def load_weights(
                 "model.save_pretrained(path, safe_serialization=True)."
             ) from err
         raise ModelLoadError(_explain(source, err)) from err
+    except SafetensorError as err:  # a truncated or damaged file: name it
+        raise ModelLoadError(_damaged_weights(source, err)) from err
     missing = [k for k in info.get("missing_keys", []) if k]
     if missing:
         raise ModelLoadError(
@@ -318,3 +322,20 @@ def load_weights(
     model.eval()
     logger.info("loaded %s on %s as %s", source, device, dtype)
     return model
+
+
+def _damaged_weights(source: str, err: Exception) -> str:
+    """The message for weights that safetensors cannot read, naming the damaged file (the
+    first of a local directory's ``*.safetensors`` files that does not open)."""
+    damaged = source
+    if os.path.isdir(source):
+        for path in sorted(Path(source).glob("*.safetensors")):
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except SafetensorError:
+                damaged = str(path)
+                break
+    return (
+        f"the weights file {damaged!r} is damaged or truncated ({err}); copy or download it again"
+    )

@@ -6,7 +6,15 @@ stays flat for any file size); :func:`score_file_on_ray` has the rows scored by
 :func:`crossrank.ray.score_dataset` on the Ray cluster (``RAY_ADDRESS``, else a local one) and
 streams them back here in input order. Either way OUT is the input with a score column added,
 written to a temporary file that replaces OUT only once every row is scored, so a failed run
-never leaves a truncated OUT behind.
+never leaves a truncated OUT or ``OUT.partial`` behind, whether it fails, is interrupted
+(Ctrl-C) or is terminated (SIGTERM).
+
+A local JSONL file is checked whole before any scoring (valid UTF-8, strict JSON objects, no
+lone surrogate in any field, a query and a document in each), so a bad line costs no model
+time and its error names the file and line. Each output line is the input line as written
+with the score field appended, so fields that are not scored keep their exact text (a long
+decimal is not rounded to a float, ``1e400`` does not become ``Infinity``), and every output
+line is strict JSON: a non-finite score is an error naming the line.
 """
 
 from __future__ import annotations
@@ -14,14 +22,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
+import signal
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from tqdm.auto import tqdm
 
 from crossrank.tabular import Columns, RowName, score_rows, score_table
+from crossrank.validation import check_query
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -65,9 +78,10 @@ def score_local_file(
 ) -> None:
     """Score a local Parquet or JSONL file into ``dest`` with ``reranker``, batch by batch.
 
-    ``dest`` gets every input row, in order, unchanged (JSONL records keep every field as
+    ``dest`` gets every input row, in order, unchanged (JSONL lines keep their text as
     written), with a float32 score column added. A bad row raises ``ValueError``/``TypeError``
-    naming its line (JSONL, from 1) or row (Parquet, from 0), and ``dest`` is left untouched.
+    naming its line (JSONL, from 1, found before any scoring) or row (Parquet, from 0), as does
+    a non-finite score, and ``dest`` is left untouched.
     """
     fmt = check_paths(str(source), dest)
     columns = Columns(query_col, doc_col, out_col)
@@ -77,26 +91,33 @@ def score_local_file(
     batches = _parquet_batches(path, columns, batch_size) if fmt == "parquet" else None
     with (
         _output(Path(dest), fmt) as out,
-        tqdm(total=_count_rows(path, fmt), unit="row", desc="scoring", disable=not progress) as bar,
+        tqdm(
+            total=_count_rows(path, fmt, columns), unit="row", desc="scoring", disable=not progress
+        ) as bar,
     ):
         if batches is not None:
             for table, name in batches:
-                out.write_table(score_table(reranker, table, columns, name, normalize=normalize))
+                scored = score_table(reranker, table, columns, name, normalize=normalize)
+                _check_finite(scored.column(columns.score).to_numpy(), name)
+                out.write_table(scored)
                 bar.update(table.num_rows)
             return
-        for records, name in _jsonl_batches(path, columns, batch_size):
+        for lines in _batched(_jsonl_lines(path, columns), batch_size):
             scores = score_rows(
                 reranker,
-                [r[columns.query] for r in records],
-                [r[columns.document] for r in records],
+                [line.query for line in lines],
+                [line.document for line in lines],
                 columns,
-                name,
+                functools.partial(_line_name, path, lines),
                 normalize=normalize,
             )
-            for record, score in zip(records, scores.tolist(), strict=True):
-                record[columns.score] = score
-            out.write_records(records)
-            bar.update(len(records))
+            out.write_lines(
+                [
+                    line.with_field(columns.score, score, path)
+                    for line, score in zip(lines, scores.tolist(), strict=True)
+                ]
+            )
+            bar.update(len(lines))
 
 
 def score_file_on_ray(
@@ -156,52 +177,139 @@ def score_file_on_ray(
 
 
 # ------------------------------------------------------------------------ reading
-def _count_rows(path: Path, fmt: str) -> int | None:
-    """Rows in a local IN, for the progress bar (``None`` for a URI or directory)."""
+def _count_rows(path: Path, fmt: str, columns: Columns | None = None) -> int | None:
+    """Rows in a local IN, for the progress bar (``None`` for a URI or directory). With
+    ``columns``, a JSONL file is checked whole on the way (see :func:`_jsonl_lines`)."""
     if not path.is_file():
         return None
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         return int(pq.ParquetFile(path).metadata.num_rows)
-    with path.open(encoding="utf-8") as f:
+    if columns is not None:
+        return sum(1 for _ in _jsonl_lines(path, columns))
+    with path.open("rb") as f:
         return sum(1 for line in f if line.strip())
 
 
-def _jsonl_batches(
-    path: Path, columns: Columns, batch_size: int
-) -> Iterator[tuple[list[dict[str, Any]], RowName]]:
-    """Checked records in batches, with a namer of each record's line; blank lines are
-    skipped."""
-    lines: list[int] = []
-    records: list[dict[str, Any]] = []
+@dataclass(frozen=True)
+class _Line:
+    """A checked JSONL record: its line number, its text as written, its query and document."""
 
-    def batch() -> tuple[list[dict[str, Any]], RowName]:
-        numbers = lines.copy()
-        return records.copy(), lambda i: f"{path}, line {numbers[i]}"
+    number: int
+    text: str
+    query: str
+    document: str
 
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    def with_field(self, name: str, value: float, path: Path) -> str:
+        """The line's own text with ``"name": value`` appended (strict JSON)."""
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{path}, line {self.number}: the model gave a non-finite score ({value}), "
+                "which JSON cannot hold"
+            )
+        body = self.text.rstrip()[:-1].rstrip()  # without the closing brace
+        comma = "" if body.endswith("{") else ", "
+        return f"{body}{comma}{json.dumps(name, ensure_ascii=False)}: {json.dumps(value)}}}"
+
+
+def _jsonl_lines(path: Path, columns: Columns) -> Iterator[_Line]:
+    """Every record of a JSONL file, checked; blank lines are skipped. The first bad line
+    raises ``ValueError``/``TypeError`` naming the file and line: not UTF-8, not a strict
+    JSON object (``NaN``/``Infinity`` are not JSON), a lone surrogate in any field, a
+    missing column, the score column already present, or a bad query or document."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}, line {number}"
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")
+                text = raw.decode("utf-8").removeprefix("\ufeff" if number == 1 else "")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte "
+                    f"{err.start + 1} of the line)"
+                ) from None
+            if not text.strip():
+                continue
+            record = _strict_json_object(text, where)
             try:
                 columns.check(list(record))
             except ValueError as err:
-                raise ValueError(f"{path}, line {number}: {err}") from None
-            lines.append(number)
-            records.append(record)
-            if len(records) == batch_size:
-                yield batch()
-                lines.clear()
-                records.clear()
-    if records:
-        yield batch()
+                raise ValueError(f"{where}: {err}") from None
+            query, document = record[columns.query], record[columns.document]
+            check_query(query, name=f"{where}: {columns.query}")
+            if not isinstance(document, str):
+                raise TypeError(
+                    f"{where}: {columns.document} must be a str, got {type(document).__name__}"
+                )
+            yield _Line(number, text.rstrip("\r\n"), query, document)
+
+
+def _strict_json_object(text: str, where: str) -> dict[str, Any]:
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value (write it as a string or null)")
+
+    try:
+        record = json.loads(text, parse_constant=refuse_constant)
+    except ValueError as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{where}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    field = _lone_surrogate(record)
+    if field is not None:
+        raise ValueError(
+            f"{where}: field {field} holds a lone UTF-16 surrogate (an unpaired \\ud800-"
+            "\\udfff escape), which is not text and cannot be written as UTF-8"
+        )
+    return record
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The path (``'meta'.'tags'[2]``) of the first string holding a lone surrogate, if any."""
+    if isinstance(value, str):
+        return where or "(the record)" if _has_surrogate(value) else None
+    items: Any = ()
+    if isinstance(value, dict):
+        for key in value:
+            if _has_surrogate(key):
+                return f"{where}.{key!a}" if where else ascii(key)
+        items = ((f"{where}.{k!r}" if where else repr(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    for name, item in items:
+        found = _lone_surrogate(item, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _line_name(path: Path, lines: list[_Line], i: int) -> str:
+    return f"{path}, line {lines[i].number}"
+
+
+def _batched(lines: Iterator[_Line], size: int) -> Iterator[list[_Line]]:
+    batch: list[_Line] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check_finite(scores: Any, row_name: RowName) -> None:
+    """Refuse a batch holding a non-finite score, naming its first such row."""
+    bad = [i for i, score in enumerate(scores.tolist()) if not math.isfinite(score)]
+    if bad:
+        raise ValueError(f"{row_name(bad[0])}: the model gave a non-finite score")
 
 
 def _parquet_batches(
@@ -243,10 +351,15 @@ class _Output:
         self._jsonl = self.partial.open("w", encoding="utf-8") if fmt == "jsonl" else None
         self._parquet: pq.ParquetWriter | None = None
 
-    def write_records(self, records: list[dict[str, Any]]) -> None:
+    def write_lines(self, lines: list[str]) -> None:
         assert self._jsonl is not None
-        for record in records:
-            self._jsonl.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self._jsonl.write("".join(line + "\n" for line in lines))
+
+    def write_records(self, records: list[dict[str, Any]]) -> None:
+        """Records as strict JSON lines (a non-finite number is a ``ValueError``)."""
+        self.write_lines(
+            [json.dumps(r, ensure_ascii=False, default=str, allow_nan=False) for r in records]
+        )
 
     def write_table(self, table: pa.Table) -> None:
         if self.fmt == "jsonl":
@@ -267,18 +380,39 @@ class _Output:
 
 @contextlib.contextmanager
 def _output(path: Path, fmt: str) -> Iterator[_Output]:
-    """OUT appears, complete, only if the block finishes: a failed or interrupted run leaves
-    neither a truncated OUT nor a partial file behind."""
-    out = _Output(path, fmt)
+    """OUT appears, complete, only if the block finishes: a failed, interrupted or
+    terminated run leaves neither a truncated OUT nor a partial file behind."""
+    with _terminate_as_exit():
+        out = _Output(path, fmt)
+        try:
+            yield out
+            out.close()
+            if not out.partial.exists():
+                if fmt == "parquet":  # a Parquet file needs a schema, which no batch gave
+                    raise ValueError("no rows came back to write; is IN empty?")
+                out.partial.touch()
+            os.replace(out.partial, path)
+        except BaseException:
+            out.close()
+            out.partial.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` (128 + SIGTERM, the shell's
+    status of a terminated process) as Ctrl-C raises ``KeyboardInterrupt``, so cleanup runs;
+    the default action would end the process at once. Signal handlers can only be set from
+    the main thread: elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        yield out
-        out.close()
-        if not out.partial.exists():
-            if fmt == "parquet":  # a Parquet file needs a schema, which no batch gave
-                raise ValueError("no rows came back to write; is IN empty?")
-            out.partial.touch()
-        os.replace(out.partial, path)
-    except BaseException:
-        out.close()
-        out.partial.unlink(missing_ok=True)
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

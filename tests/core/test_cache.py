@@ -7,7 +7,10 @@ here; they skip, saying why, where it is not installed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +24,8 @@ import pytest
 from crossrank import Reranker
 from crossrank import cache as cache_module
 from crossrank.cache import CacheStats, MemoryCache, RedisCache, ScoreCache
+from crossrank.fingerprint import model_identity
+from crossrank.testing import TINY_CONFIG, build_random_reranker
 from tests.conftest import DOCS, QUERY
 
 LONG = " ".join(f"Clause {i} of the contract covers the delivery of goods." for i in range(40))
@@ -353,3 +358,111 @@ def test_redis_killed_mid_run(redis_server, tiny_model_dir, tiny_reranker, caplo
     hits = reranker.cache_stats.hits
     np.testing.assert_allclose(reranker.score(QUERY, DOCS), expected, atol=1e-6)
     assert reranker.cache_stats.hits == hits + len(DOCS)
+
+
+# ------------------------------------------------------------------ model identity (fault 6)
+def _replace_weights(model_dir: Path, skeleton_dir: Path, seed: int) -> None:
+    """Save another random model of the same architecture over ``model_dir`` (same file
+    names and sizes: only the weights' bytes and times change)."""
+    build_random_reranker(model_dir, skeleton_dir, seed=seed, **TINY_CONFIG)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_replaced_weights_are_not_answered_from_the_cache(
+    backend, redis_server, skeleton_dir, tmp_path, monkeypatch
+):
+    spec = MemoryCache() if backend == "memory" else redis_server()[0]
+    model_dir = build_random_reranker(tmp_path / "model", skeleton_dir, seed=0, **TINY_CONFIG)
+    before = Reranker(str(model_dir), device="cpu", cache=spec)
+    old = before.score(QUERY, DOCS)
+    weights = model_dir / "model.safetensors"
+    size = weights.stat().st_size
+    _replace_weights(model_dir, skeleton_dir, seed=1)
+    assert weights.stat().st_size == size  # the path and the file sizes are unchanged
+    after = Reranker(str(model_dir), device="cpu", cache=spec)
+    new = after.score(QUERY, DOCS)
+    assert after.cache_stats.hits == 0
+    np.testing.assert_allclose(new, Reranker(str(model_dir), device="cpu").score(QUERY, DOCS))
+    assert not np.allclose(new, old)  # the replaced model really scores differently
+    # an unchanged directory is still one identity: a third engine hits every pair
+    again = Reranker(str(model_dir), device="cpu", cache=spec)
+    np.testing.assert_array_equal(again.score(QUERY, DOCS), new)
+    assert again.cache_stats.hits == len(DOCS)
+
+
+def test_identity_follows_weights_config_and_tokenizer(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, model_dir)
+    first = model_identity(str(model_dir))
+    assert model_identity(str(model_dir)) == first
+    weights = model_dir / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last tensor, same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
+    changed = model_identity(str(model_dir))
+    assert changed != first
+    config = json.loads((model_dir / "config.json").read_text())
+    config["classifier_dropout"] = 0.5
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert model_identity(str(model_dir)) not in (first, changed)
+    assert model_identity(str(model_dir))["path"] == str(model_dir.resolve())
+
+
+def test_a_hub_model_is_identified_by_its_resolved_commit(tmp_path):
+    """A Hub cache laid out as huggingface_hub writes it: refs/main names the snapshot."""
+    repo = tmp_path / "models--org--reranker"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    hub = {"cache_dir": str(tmp_path), "local_files_only": True}
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = model_identity("org/reranker", hub=hub)
+    assert first == {"hub_id": "org/reranker", "revision": "a" * 40}
+    (repo / "refs" / "main").write_text("b" * 40)  # upstream moved on, a new snapshot
+    assert model_identity("org/reranker", hub=hub)["revision"] == "b" * 40
+    assert model_identity("org/reranker", revision="a" * 40, hub=hub) == first
+
+
+# -------------------------------------------------------------- a bad cache URL (fault 17)
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [("redis://user:s3cret@127.0.0.1:99999/0", "Port out of range"), ("redis://:s3cret@h:abc", "")],
+)
+def test_a_bad_redis_port_is_named_as_the_cache_not_the_model(url, reason, tiny_model_dir):
+    pytest.importorskip("redis")
+    shown = url.replace("user:s3cret@", "").replace(":s3cret@", "")
+    for build in (
+        lambda: Reranker(str(tiny_model_dir), device="cpu", cache=url),
+        lambda: RedisCache(url),
+    ):
+        with pytest.raises(
+            ValueError, match=re.escape(f"cache URL {shown!r} is not valid")
+        ) as info:
+            build()
+        assert reason in str(info.value) and "s3cret" not in str(info.value)
+    assert (
+        getattr(_raised(lambda: Reranker(str(tiny_model_dir), cache=url)), "param", None) == "cache"
+    )
+
+
+def _raised(call: Callable[[], object]) -> BaseException:
+    with pytest.raises(Exception) as info:
+        call()
+    return info.value
+
+
+def test_serve_refuses_a_bad_redis_port_before_loading_the_model(tmp_path):
+    pytest.importorskip("fastapi")
+    from typer.testing import CliRunner
+
+    from crossrank.cli import app
+
+    url = "redis://user:s3cret@127.0.0.1:99999/0"
+    result = CliRunner().invoke(app, ["serve", "-m", str(tmp_path / "no-model"), "--cache", url])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "--cache" in output and "redis://127.0.0.1:99999/0" in output
+    assert "s3cret" not in output and "failed to load" not in output

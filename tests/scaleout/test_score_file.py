@@ -7,7 +7,13 @@ CLI call costs seconds); the CLI itself is run once end to end and for its argum
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -176,4 +182,144 @@ def test_the_command_reports_a_bad_model_in_one_line(cli: typer.Typer, tmp_path:
     result = runner.invoke(cli, [*args, "-m", str(tmp_path / "no-model")])
     assert result.exit_code == 1
     assert "error:" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# ------------------------------------------------------------ hardening (faults 7, 8, 13)
+def _never_scored(monkeypatch: pytest.MonkeyPatch, reranker: Reranker) -> list[int]:
+    """Record the size of each scoring call (a bad file must be refused before any)."""
+    calls: list[int] = []
+    score_pairs = reranker.score_pairs
+
+    def spy(pairs, **kw):
+        calls.append(len(pairs))
+        return score_pairs(pairs, **kw)
+
+    monkeypatch.setattr(reranker, "score_pairs", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "expected"),
+    [
+        (b'{"query": "q", "document": "caf\xe9"}', "line 4: not valid UTF-8 (byte 0xe9"),
+        (
+            b'{"query": "q", "document": "d", "meta": {"x": ["ok", "\\ud800"]}}',
+            "line 4: field 'meta'.'x'[1] holds a lone UTF-16 surrogate",
+        ),
+        (b'{"query": "\\udfff?", "document": "d"}', "line 4: field 'query' holds a lone"),
+        (
+            b'{"query": "q", "document": "d", "v": NaN}',
+            "line 4: not valid JSON (NaN is not a JSON value",
+        ),
+        (b'{"query": "q", "document": "d", "v": -Infinity}', "line 4: not valid JSON (-Infinity"),
+    ],
+)
+def test_a_bad_line_anywhere_is_named_before_any_scoring(
+    tiny_reranker: Reranker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bad_line: bytes,
+    expected: str,
+) -> None:
+    good = [json.dumps({"query": "q", "document": f"d{i}"}).encode() for i in range(3)]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join([*good, bad_line, *good]) + b"\n")
+    calls = _never_scored(monkeypatch, tiny_reranker)
+    with pytest.raises(ValueError, match=re.escape(f"in.jsonl, line {expected[5:]}")):
+        score_local_file(tiny_reranker, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=1)
+    assert calls == []  # validated up front: no model time spent on a file that will fail
+    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_unscored_fields_keep_their_text_and_output_is_strict_json(
+    tiny_reranker: Reranker, tmp_path: Path
+) -> None:
+    lines = [
+        '{"query": "q", "document": "Mars", "big": 1e400, "small": -1e-400, '
+        '"dec": 0.1234567890123456789012345, "int": 123456789012345678901234567890}',
+        '{ "document" : "é\\u00e9 \\ud83d\\ude00" ,"query":"q" , "x": [1.0, 2.50] }  ',
+        '{"query": "q", "document": "", "meta": {"nested": {"deep": 1E+2}}}\r',
+    ]
+    (tmp_path / "in.jsonl").write_bytes(("\n".join(lines) + "\n").encode())
+    score_local_file(tiny_reranker, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    out = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(out) == len(lines)
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in the output is not strict JSON")
+
+    records = [json.loads(line, parse_constant=refuse, parse_float=Decimal) for line in out]
+    expected = _expected(tiny_reranker, [json.loads(line) for line in lines])
+    np.testing.assert_allclose([float(r["score"]) for r in records], expected, atol=1e-5)
+    for line, written in zip(lines, out, strict=True):
+        # every byte of the input record is kept; the score is appended before the brace
+        body = line.rstrip()[:-1].rstrip()
+        assert written.startswith(body + ', "score": '), written
+    assert records[0]["dec"] == Decimal("0.1234567890123456789012345")
+    assert records[0]["int"] == 123456789012345678901234567890
+
+
+def test_a_non_finite_score_is_an_error_naming_the_line(
+    tiny_reranker: Reranker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [{"query": "q", "document": f"d{i}"} for i in range(4)]
+    _write_jsonl(tmp_path / "in.jsonl", rows, blank_after=1)
+
+    def nan_at_third(pairs, **kw):
+        scores = np.arange(len(pairs), dtype=np.float32)
+        scores[2] = np.nan
+        return scores
+
+    monkeypatch.setattr(tiny_reranker, "score_pairs", nan_at_third)
+    with pytest.raises(ValueError, match=r"in\.jsonl, line 4: the model gave a non-finite"):
+        score_local_file(tiny_reranker, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+_SLOW_SCORING = """
+import signal, sys, time
+import numpy as np
+from crossrank.score_file import score_local_file
+
+# a shell starts background jobs with SIGINT ignored: restore Ctrl-C for the SIGINT case
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+class SlowReranker:  # stands in for the model: one batch a second
+    def score_pairs(self, pairs, normalize=None):
+        time.sleep(1)
+        return np.zeros(len(pairs), dtype=np.float32)
+
+score_local_file(SlowReranker(), sys.argv[1], sys.argv[2], batch_size=1, progress=False)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_termination_and_interruption_leave_no_partial_file(tmp_path: Path, sig: int) -> None:
+    rows = [{"query": "q", "document": "d" * 100_000} for _ in range(60)]
+    _write_jsonl(tmp_path / "in.jsonl", rows)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _SLOW_SCORING,
+            str(tmp_path / "in.jsonl"),
+            str(tmp_path / "out.jsonl"),
+        ],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    partial = tmp_path / "out.jsonl.partial"
+    try:
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert process.poll() is None, "the scoring process ended before writing"
+            time.sleep(0.1)
+        process.send_signal(sig)
+        returncode = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # SIGTERM: the status a shell gives a terminated process; SIGINT: Python's own re-raise
+    assert returncode == (143 if sig == signal.SIGTERM else -signal.SIGINT)
+    assert not partial.exists()
     assert not (tmp_path / "out.jsonl").exists()

@@ -12,8 +12,8 @@ pins ``transformers<4.58``.
 
 Cache layout: ``<cache root>/<model slug>-<key>[-int8]/model.onnx`` (+ ``model.onnx.data``
 holding the weights, so models over the 2 GB protobuf limit export too). The key hashes the
-model identity (hub id + resolved commit, or local path + a fingerprint of its config and
-weight files), the input names and the torch/transformers/onnxruntime versions, so a changed
+model identity (:func:`crossrank.fingerprint.model_identity`, the rule the score cache uses
+too: hub id + resolved commit, or local path + a fingerprint of its files), the input names and the torch/transformers/onnxruntime versions, so a changed
 model or toolchain gets a fresh export. Each entry is built in a private temporary directory
 and published with one atomic ``rename``, so concurrent processes never see a half-written
 file; a process that loses the race discards its copy and uses the winner's.
@@ -31,7 +31,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from transformers import PreTrainedModel
 
 from crossrank.backends.base import Pending, Runner
 from crossrank.errors import MissingExtraError
+from crossrank.fingerprint import model_identity
 from crossrank.loading import LoadedModel, load_weights
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 
@@ -72,37 +73,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "crossrank" / "onnx"
-
-
-def model_identity(
-    source: str, *, revision: str | None, hub: dict[str, Any] | None = None
-) -> dict[str, str]:
-    """What the cache key must change with: a local model's content, or a hub commit.
-
-    A local directory is identified by its absolute path, the bytes of its ``config.json`` and
-    the name, size and modification time of its weight files (hashing gigabytes of weights on
-    every start would cost as much as loading them). A hub model is identified by its id and
-    the commit its cached ``config.json`` resolves to.
-    """
-    path = Path(source)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        config = path / "config.json"
-        if config.is_file():
-            digest.update(config.read_bytes())
-        for weights in sorted(path.glob("*.safetensors*")):
-            stat = weights.stat()
-            digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-        return {"path": str(path.resolve()), "fingerprint": digest.hexdigest()}
-    from transformers.utils import cached_file
-    from transformers.utils.hub import extract_commit_hash
-
-    hub = dict(hub or {})
-    hub.pop("trust_remote_code", None)
-    hub.pop("revision", None)
-    resolved = cached_file(source, "config.json", revision=revision, **hub)
-    commit = extract_commit_hash(resolved, None)
-    return {"hub_id": source, "revision": commit or revision or "main"}
 
 
 def cache_entry(
@@ -449,18 +419,38 @@ def build_runner(
     input_names = ["input_ids", "attention_mask"]
     if tokenizer.returns_type_ids:
         input_names.append("token_type_ids")
-    path = ensure_exported(
-        name=loaded.source,
-        identity=model_identity(loaded.source, revision=loaded.hub["revision"], hub=loaded.hub),
-        input_names=input_names,
-        quantize=quantize,
-        cache_dir=cache_dir,
-        load_model=lambda: load_weights(
-            loaded.source,
-            loaded.config,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            hub=loaded.hub,
-        ),
-    )
-    return OnnxRunner(path, tokenizer.pad_id)
+
+    def export() -> Path:
+        return ensure_exported(
+            name=loaded.source,
+            identity=model_identity(loaded.source, revision=loaded.hub["revision"], hub=loaded.hub),
+            input_names=input_names,
+            quantize=quantize,
+            cache_dir=cache_dir,
+            load_model=lambda: load_weights(
+                loaded.source,
+                loaded.config,
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                hub=loaded.hub,
+            ),
+        )
+
+    path = export()
+    try:
+        return OnnxRunner(path, tokenizer.pad_id)
+    except Exception as err:  # onnxruntime's own types (InvalidProtobuf, Fail ...)
+        logger.warning("cached ONNX model %s is unreadable (%s); exporting it again", path, err)
+        _discard_entries(path.parent)
+    return OnnxRunner(export(), tokenizer.pad_id)
+
+
+def _discard_entries(entry: Path) -> None:
+    """Remove a damaged cache entry and, for an int8 one, the fp32 export it was made from
+    (either may be the damaged file). Each is renamed away first, so no process finds a
+    half-deleted entry."""
+    for path in {entry, entry.with_name(entry.name.removesuffix("-int8"))}:
+        trash = path.with_name(f".{path.name}.damaged-{os.getpid()}")
+        with suppress(FileNotFoundError):
+            os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
