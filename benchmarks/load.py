@@ -97,6 +97,17 @@ def model_path(args: argparse.Namespace, tmp: str) -> str:
     return str(out)
 
 
+def inprocess_p50_ms(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
+    """Median latency of one request (``Reranker.score``) in-process: what a lone HTTP client's
+    latency is compared with."""
+    times = []
+    for query, docs in work[:40]:
+        start = time.perf_counter()
+        reranker.score(query, docs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[5:] or times)) * 1000
+
+
 def offline_pairs_per_s(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
     pairs = [(q, d) for q, docs in work for d in docs]
     reranker.score_pairs(pairs[:64])  # warm up
@@ -130,12 +141,14 @@ def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen
     ]
     if args.max_batch_tokens:
         cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.NamedTemporaryFile(prefix="crossrank-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"the server exited with status {proc.returncode}")
+            tail = Path(log.name).read_text(errors="replace")[-3000:]
+            sys.exit(f"the server exited with status {proc.returncode}; its log ends:\n{tail}")
         try:
             if httpx.get(url + "/ready").status_code == 200:
                 return proc, url
@@ -207,6 +220,7 @@ def main() -> None:
         model = None if args.url and not args.model else model_path(args, tmp)
         reranker = None
         offline: list[float] = []
+        single_ms = None
         if model is not None:  # measured before the server starts and after it stops
             reranker = Reranker(
                 model,
@@ -215,6 +229,7 @@ def main() -> None:
                 batch_tokens=args.max_batch_tokens,
             )
             offline.append(offline_pairs_per_s(reranker, work))
+            single_ms = inprocess_p50_ms(reranker, work)
         proc = None
         url = args.url
         if url is None:
@@ -250,6 +265,7 @@ def main() -> None:
         "latency_ms_p99": round(float(np.percentile(lat, 99)), 1) if done else None,
         "offline_pairs_per_s": [round(x, 1) for x in offline] or None,  # before, after
         "server_to_offline": round(pairs / wall / float(np.mean(offline)), 3) if offline else None,
+        "inprocess_p50_ms": round(single_ms, 1) if single_ms is not None else None,
     }
     if args.json:
         print(json.dumps(report))

@@ -71,7 +71,7 @@ _SPACE_SEARCH = 64
 _MAX_PERIOD = 32
 _MAX_RUN_CHARS = 1 << 20
 #: Fewest pairs worth sending to another thread; most pairs per chunk.
-_MIN_CHUNK_PAIRS = 8
+_MIN_CHUNK_PAIRS = 2
 _MAX_CHUNK_PAIRS = 256
 _MAX_THREADS = 32
 
