@@ -141,7 +141,7 @@ def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen
     ]
     if args.max_batch_tokens:
         cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
-    log = tempfile.NamedTemporaryFile(prefix="crossrank-serve-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(prefix="crossrank-serve-", suffix=".log", delete=False)  # noqa: SIM115 (the server writes it for its whole life)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
