@@ -44,6 +44,7 @@ from crossrank.backends.base import Pending, Runner
 from crossrank.errors import MissingExtraError
 from crossrank.fingerprint import model_identity
 from crossrank.loading import LoadedModel, load_weights
+from crossrank.progress import working
 from crossrank.tokenization import EncodedPairs, PairTokenizer
 
 try:
@@ -367,13 +368,15 @@ def ensure_exported(
     if not (fp32 / MODEL_FILE).is_file():
         start = time.perf_counter()
         model = load_model()
-        _publish(fp32, lambda d: export_onnx(model, d, input_names), info)
+        with working(f"exporting {name} to ONNX (once; later starts reuse it)"):
+            _publish(fp32, lambda d: export_onnx(model, d, input_names), info)
         del model
         logger.info("exported %s to ONNX in %.1fs: %s", name, time.perf_counter() - start, fp32)
     if quantize:
         start = time.perf_counter()
         info["quantized"] = "dynamic int8, per-channel weights, first-token rows fp32"
-        _publish(target, lambda d: quantize_onnx(fp32 / MODEL_FILE, d), info)
+        with working(f"quantizing {name} to int8"):
+            _publish(target, lambda d: quantize_onnx(fp32 / MODEL_FILE, d), info)
         logger.info("quantized %s to int8 in %.1fs: %s", name, time.perf_counter() - start, target)
     return target / MODEL_FILE
 

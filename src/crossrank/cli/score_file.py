@@ -12,6 +12,7 @@ from rich.console import Console
 from crossrank.cli.common import Model, engine_command
 from crossrank.errors import CrossrankError
 from crossrank.options import DEFAULT_MODEL, EngineOptions
+from crossrank.quiet import quiet_third_party
 
 _err = Console(stderr=True)
 
@@ -82,6 +83,10 @@ def score_file(
     if not use_ray and not Path(source).is_file():
         raise typer.BadParameter(f"IN {source!r} does not exist")
     pool = _parse_concurrency(concurrency)
+    from crossrank.loading import set_local_model_hint
+
+    quiet_third_party()
+    set_local_model_hint("--model PATH")
     common: dict[str, Any] = {
         "query_col": query_col,
         "doc_col": doc_col,
