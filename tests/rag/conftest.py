@@ -40,7 +40,13 @@ class StubLLMServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                requests.append(
+                    {
+                        "path": self.path,
+                        "headers": {k.title(): v for k, v in self.headers.items()},
+                        "body": body,
+                    }
+                )
                 if body.get("model") == "broken":
                     status, payload = 500, {"error": "upstream exploded"}
                 else:

@@ -224,7 +224,8 @@ def test_local_files_only_decisions(
     with pytest.raises(ModelLoadError, match="Hugging Face Hub cannot be reached"):
         models.local_files_only("BAAI/bge-m3")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert models.local_files_only("BAAI/bge-m3") is True
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1 turns downloads off"):
+        models.local_files_only("BAAI/bge-m3")  # not cached: the remedy names the switch
 
 
 def test_model_loading_errors_are_clear(tmp_path: Path, tiny_model_dir: Path) -> None:

