@@ -1,0 +1,180 @@
+"""The fast path's self-check at load and the float32 rescue of non-finite passes, on CPU.
+
+Faults are injected into the real packed runner (its ``submit`` perturbs or NaNs the logits);
+the expected scores come from plain transformers forwards of the same weights, written here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from crossrank import Reranker
+from crossrank.backends.base import TorchPaddedRunner
+from crossrank.backends.packed import PackedRunner
+from crossrank.backends.selfcheck import TOLERANCES, probe_pairs
+from crossrank.server import create_app
+from crossrank.server.runner import BackgroundServer
+from tests.conftest import DOCS, QUERY
+from tests.server.helpers import metric
+
+_real_submit = PackedRunner.submit
+
+
+def _faulty(change):
+    """A PackedRunner.submit whose logits are changed by ``change``."""
+
+    def submit(self, encoded):
+        pending = _real_submit(self, encoded)
+        return lambda: change(pending().copy())
+
+    return submit
+
+
+def _transformers_scores(model_dir, dtype=torch.float32, docs=DOCS) -> np.ndarray:
+    """Raw scores by the plain transformers recipe (tokenizer pair call, model forward)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, torch_dtype=dtype)
+    model = model.float().eval()  # dtype, then fp32: the half weights upcast exactly
+    batch = tokenizer(
+        [QUERY] * len(docs),
+        docs,
+        padding=True,
+        truncation=True,
+        max_length=512,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        return model(**batch).logits[:, 0].numpy()
+
+
+def test_probe_set_is_multilingual_short_and_long(tiny_reranker) -> None:
+    short, long = probe_pairs()
+    text = " ".join(q + d for q, d in short)
+    for sample in ("Moon", "月球", "地球", "القمر", "Луна", "Mond"):
+        assert sample in text
+    encoded = tiny_reranker.tokenizer.encode(*map(list, zip(*long, strict=True)))
+    assert (encoded.lengths == tiny_reranker.max_length).all()  # cut at max_length
+    assert len(long) == 6 and len(short) >= 6
+
+
+def test_correct_fast_runner_passes(tiny_model_dir, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="crossrank"):
+        fast = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
+    check = fast.self_check
+    assert check is not None and check.passed and not check.fell_back
+    assert isinstance(fast.runner, PackedRunner)
+    assert (check.runner, check.reference) == ("PackedRunner", "TorchPaddedRunner")
+    assert 0 <= check.max_abs_diff <= check.tolerance == TOLERANCES[torch.float32]
+    assert check.pairs == sum(map(len, probe_pairs()))
+    assert not [r for r in caplog.records if "self-check" in r.getMessage()]
+    fast.close()
+
+
+def test_reference_runner_and_option_off_run_no_check(tiny_model_dir, tiny_reranker) -> None:
+    assert tiny_reranker.self_check is None  # CPU auto: the reference runner was chosen
+    off = Reranker(str(tiny_model_dir), device="cpu", fast_path=True, self_check=False)
+    assert off.self_check is None and isinstance(off.runner, PackedRunner)
+    off.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "shown"),
+    [
+        (lambda logits: logits + 0.05, "0.05"),  # a small bias: over fp32's 1e-3
+        (lambda logits: np.full_like(logits, np.nan), "inf"),
+    ],
+)
+def test_faulty_fast_runner_is_caught_and_replaced(
+    tiny_model_dir, monkeypatch, caplog, fault, shown
+) -> None:
+    monkeypatch.setattr(PackedRunner, "submit", _faulty(fault))
+    with caplog.at_level(logging.WARNING, logger="crossrank"):
+        fast = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
+    check = fast.self_check
+    assert check is not None and not check.passed and check.fell_back
+    assert check.max_abs_diff > check.tolerance
+    warnings = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    assert len(warnings) == 1
+    assert shown in warnings[0] and "0.001" in warnings[0] and "TorchPaddedRunner" in warnings[0]
+    assert type(fast.runner) is TorchPaddedRunner and not fast.runner.packed
+    np.testing.assert_allclose(
+        fast.score(QUERY, DOCS, normalize=False),
+        _transformers_scores(tiny_model_dir),
+        atol=1e-5,
+        rtol=0,
+    )
+    fast.close()
+
+
+def test_non_finite_half_precision_pass_is_rescored_in_fp32(tiny_model_dir, monkeypatch) -> None:
+    reranker = Reranker(str(tiny_model_dir), device="cpu", dtype="bfloat16", fast_path=False)
+    worker = reranker._devices.workers[0]
+    real = worker.runner.submit
+    calls = []
+
+    def overflowing(encoded):
+        pending = real(encoded)
+        calls.append(len(encoded))
+        return lambda: np.where(np.arange(len(encoded))[:, None] == 0, np.inf, pending())
+
+    monkeypatch.setattr(worker.runner, "submit", overflowing)
+    got = reranker.score(QUERY, DOCS, normalize=False)
+    assert calls and reranker.rescored_batches == len(calls)  # every pass had an inf row
+    # fp32 of the bf16 weights, by plain transformers: not the bf16 result
+    want = _transformers_scores(tiny_model_dir, torch.bfloat16)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert np.isfinite(got).all()
+    monkeypatch.setattr(worker.runner, "submit", real)
+    before = reranker.rescored_batches
+    fine = reranker.score(QUERY, DOCS, normalize=False)
+    assert reranker.rescored_batches == before  # finite passes are never rescored
+    assert np.abs(fine - want).max() > 1e-5  # bf16 itself differs: the rescue really was fp32
+    reranker.close()
+
+
+def test_fp32_model_is_never_rescored(tiny_model_dir, monkeypatch) -> None:
+    reranker = Reranker(str(tiny_model_dir), device="cpu")
+    worker = reranker._devices.workers[0]
+    assert worker.rescue is None
+    real = worker.runner.submit
+    monkeypatch.setattr(
+        worker.runner, "submit", lambda e: (lambda p: lambda: np.full_like(p(), np.nan))(real(e))
+    )
+    assert np.isnan(reranker.score(QUERY, ["a"])).all() and reranker.rescored_batches == 0
+    reranker.close()
+
+
+def test_ready_and_metrics_show_the_self_check(tiny_model_dir, monkeypatch) -> None:
+    monkeypatch.setattr(PackedRunner, "submit", _faulty(lambda x: x + 1.0))
+    fell_back = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
+    monkeypatch.undo()
+    passing = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
+    plain = Reranker(str(tiny_model_dir), device="cpu")
+    try:
+        for reranker, passed in ((fell_back, False), (passing, True), (plain, None)):
+            with BackgroundServer(create_app(reranker)) as srv:
+                srv.wait_ready()
+                ready = httpx.get(srv.url + "/ready").json()
+                text = httpx.get(srv.url + "/metrics").text
+            assert ready["status"] == "ready"
+            assert metric(text, "crossrank_rescored_batches_total") == 0
+            if passed is None:
+                assert ready["self_check"] is None
+                assert "crossrank_fast_path_self_check_passed" not in text
+                continue
+            detail = ready["self_check"]
+            assert detail["passed"] is passed and detail["fell_back"] is not passed
+            assert detail["runner"] == "PackedRunner" and detail["tolerance"] == 1e-3
+            assert metric(text, "crossrank_fast_path_self_check_passed") == int(passed)
+            diff = metric(text, "crossrank_fast_path_max_abs_diff")
+            assert diff == pytest.approx(detail["max_abs_diff"])
+            assert (diff > 0.5) is not passed
+    finally:
+        for reranker in (fell_back, passing, plain):
+            reranker.close()
