@@ -63,17 +63,39 @@ def test_probe_set_is_multilingual_short_and_long(tiny_reranker) -> None:
     assert len(long) == 6 and len(short) >= 6
 
 
-def test_correct_fast_runner_passes(tiny_model_dir, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="crossrank"):
-        fast = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
+@pytest.fixture(scope="module")
+def fast(tiny_model_dir):
+    """The packed runner forced on CPU (its self-check passes)."""
+    reranker = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
+    yield reranker
+    reranker.close()
+
+
+@pytest.fixture(scope="module")
+def fell_back(tiny_model_dir):
+    """The packed runner with every logit shifted by 0.05 (over fp32's 1e-3), and the warnings
+    its load logged."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("crossrank").addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(PackedRunner, "submit", _faulty(lambda logits: logits + 0.05))
+            reranker = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
+    finally:
+        logging.getLogger("crossrank").removeHandler(handler)
+    yield reranker, [r.getMessage() for r in records if "self-check" in r.getMessage()]
+    reranker.close()
+
+
+def test_correct_fast_runner_passes(fast) -> None:
     check = fast.self_check
     assert check is not None and check.passed and not check.fell_back
     assert isinstance(fast.runner, PackedRunner)
     assert (check.runner, check.reference) == ("PackedRunner", "TorchPaddedRunner")
     assert 0 <= check.max_abs_diff <= check.tolerance == TOLERANCES[torch.float32]
     assert check.pairs == sum(map(len, probe_pairs()))
-    assert not [r for r in caplog.records if "self-check" in r.getMessage()]
-    fast.close()
 
 
 def test_reference_runner_and_option_off_run_no_check(tiny_model_dir, tiny_reranker) -> None:
@@ -83,33 +105,35 @@ def test_reference_runner_and_option_off_run_no_check(tiny_model_dir, tiny_reran
     off.close()
 
 
-@pytest.mark.parametrize(
-    ("fault", "shown"),
-    [
-        (lambda logits: logits + 0.05, "0.05"),  # a small bias: over fp32's 1e-3
-        (lambda logits: np.full_like(logits, np.nan), "inf"),
-    ],
-)
-def test_faulty_fast_runner_is_caught_and_replaced(
-    tiny_model_dir, monkeypatch, caplog, fault, shown
-) -> None:
-    monkeypatch.setattr(PackedRunner, "submit", _faulty(fault))
-    with caplog.at_level(logging.WARNING, logger="crossrank"):
-        fast = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
-    check = fast.self_check
+def _assert_fell_back(reranker, warnings, shown, model_dir) -> None:
+    check = reranker.self_check
     assert check is not None and not check.passed and check.fell_back
     assert check.max_abs_diff > check.tolerance
-    warnings = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
     assert len(warnings) == 1
     assert shown in warnings[0] and "0.001" in warnings[0] and "TorchPaddedRunner" in warnings[0]
-    assert type(fast.runner) is TorchPaddedRunner and not fast.runner.packed
+    assert type(reranker.runner) is TorchPaddedRunner and not reranker.runner.packed
     np.testing.assert_allclose(
-        fast.score(QUERY, DOCS, normalize=False),
-        _transformers_scores(tiny_model_dir),
+        reranker.score(QUERY, DOCS, normalize=False),
+        _transformers_scores(model_dir),
         atol=1e-5,
         rtol=0,
     )
-    fast.close()
+
+
+def test_perturbed_fast_runner_is_caught_and_replaced(fell_back, tiny_model_dir) -> None:
+    reranker, warnings = fell_back
+    assert reranker.self_check.max_abs_diff == pytest.approx(0.05, abs=1e-3)
+    _assert_fell_back(reranker, warnings, "0.05", tiny_model_dir)
+
+
+def test_nan_fast_runner_is_caught_and_replaced(tiny_model_dir, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(PackedRunner, "submit", _faulty(lambda x: np.full_like(x, np.nan)))
+    with caplog.at_level(logging.WARNING, logger="crossrank"):
+        reranker = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
+    warnings = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    monkeypatch.undo()
+    _assert_fell_back(reranker, warnings, "inf", tiny_model_dir)
+    reranker.close()
 
 
 def test_non_finite_half_precision_pass_is_rescored_in_fp32(tiny_model_dir, monkeypatch) -> None:
@@ -138,43 +162,33 @@ def test_non_finite_half_precision_pass_is_rescored_in_fp32(tiny_model_dir, monk
     reranker.close()
 
 
-def test_fp32_model_is_never_rescored(tiny_model_dir, monkeypatch) -> None:
-    reranker = Reranker(str(tiny_model_dir), device="cpu")
-    worker = reranker._devices.workers[0]
+def test_fp32_model_is_never_rescored(tiny_reranker, monkeypatch) -> None:
+    worker = tiny_reranker._devices.workers[0]
     assert worker.rescue is None
     real = worker.runner.submit
     monkeypatch.setattr(
         worker.runner, "submit", lambda e: (lambda p: lambda: np.full_like(p(), np.nan))(real(e))
     )
-    assert np.isnan(reranker.score(QUERY, ["a"])).all() and reranker.rescored_batches == 0
-    reranker.close()
+    assert np.isnan(tiny_reranker.score(QUERY, ["a"])).all()
+    assert tiny_reranker.rescored_batches == 0
 
 
-def test_ready_and_metrics_show_the_self_check(tiny_model_dir, monkeypatch) -> None:
-    monkeypatch.setattr(PackedRunner, "submit", _faulty(lambda x: x + 1.0))
-    fell_back = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
-    monkeypatch.undo()
-    passing = Reranker(str(tiny_model_dir), device="cpu", fast_path=True)
-    plain = Reranker(str(tiny_model_dir), device="cpu")
-    try:
-        for reranker, passed in ((fell_back, False), (passing, True), (plain, None)):
-            with BackgroundServer(create_app(reranker)) as srv:
-                srv.wait_ready()
-                ready = httpx.get(srv.url + "/ready").json()
-                text = httpx.get(srv.url + "/metrics").text
-            assert ready["status"] == "ready"
-            assert metric(text, "crossrank_rescored_batches_total") == 0
-            if passed is None:
-                assert ready["self_check"] is None
-                assert "crossrank_fast_path_self_check_passed" not in text
-                continue
-            detail = ready["self_check"]
-            assert detail["passed"] is passed and detail["fell_back"] is not passed
-            assert detail["runner"] == "PackedRunner" and detail["tolerance"] == 1e-3
-            assert metric(text, "crossrank_fast_path_self_check_passed") == int(passed)
-            diff = metric(text, "crossrank_fast_path_max_abs_diff")
-            assert diff == pytest.approx(detail["max_abs_diff"])
-            assert (diff > 0.5) is not passed
-    finally:
-        for reranker in (fell_back, passing, plain):
-            reranker.close()
+def test_ready_and_metrics_show_the_self_check(fell_back, fast, tiny_reranker) -> None:
+    for reranker, passed in ((fell_back[0], False), (fast, True), (tiny_reranker, None)):
+        with BackgroundServer(create_app(reranker)) as srv:
+            srv.wait_ready()
+            ready = httpx.get(srv.url + "/ready").json()
+            text = httpx.get(srv.url + "/metrics").text
+        assert ready["status"] == "ready"
+        assert "crossrank_rescored_batches_total 0.0" in text
+        if passed is None:
+            assert ready["self_check"] is None
+            assert "crossrank_fast_path_self_check_passed" not in text
+            continue
+        detail = ready["self_check"]
+        assert detail["passed"] is passed and detail["fell_back"] is not passed
+        assert detail["runner"] == "PackedRunner" and detail["tolerance"] == 1e-3
+        assert metric(text, "crossrank_fast_path_self_check_passed") == int(passed)
+        diff = metric(text, "crossrank_fast_path_max_abs_diff")
+        assert diff == pytest.approx(detail["max_abs_diff"])
+        assert (diff > 0.01) is not passed
