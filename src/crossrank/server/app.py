@@ -291,12 +291,10 @@ def _add_probe_routes(app: FastAPI, state: _ModelState, metrics: ServerMetrics) 
         if reranker is None:
             retry = {"Retry-After": str(state.settings.retry_after)}
             raise HTTPException(503, state.why_not_ready(public=True), headers=retry)
-        check = reranker.self_check  # the fast path's check at load (None: none ran)
-        return {
-            "status": "ready",
-            "model": state.model_name,
-            "self_check": None if check is None else check.as_dict(),
-        }
+        body: dict[str, Any] = {"status": "ready", "model": state.model_name}
+        if reranker.self_check is not None:  # the fast runner's check at load, when one ran
+            body["self_check"] = reranker.self_check.as_dict()
+        return body
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
