@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from crossrank.backends import Runner, build_workers, compute_dtype, resolve_devices
+from crossrank.backends import Runner, SelfCheck, build_workers, compute_dtype, resolve_devices
 from crossrank.backends.families import pair_lengths
 from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
@@ -163,6 +163,17 @@ class Reranker(PeerCompat):
     def cache_stats(self) -> CacheStats | None:
         """Score-cache hit/miss/error counters since start (``None`` without a cache)."""
         return None if self._cache is None else self._cache.stats
+
+    @property
+    def self_check(self) -> SelfCheck | None:
+        """The fast runner's check against the reference on the loaded weights (``None`` when
+        the reference runner was chosen or ``self_check=False``): :mod:`crossrank.backends.selfcheck`."""
+        return self._devices.self_check
+
+    @property
+    def rescored_batches(self) -> int:
+        """float16/bfloat16 passes with non-finite logits that were rescored in float32."""
+        return self._devices.rescored_batches
 
     # ----------------------------------------------------------------- public sync API
     def score(

@@ -243,6 +243,12 @@ class EngineOptions:
         _fast_path,
         flag=False,
     )
+    self_check: bool = option(
+        True,
+        "At load, score a multilingual probe set with the fast runner and the reference runner "
+        "on the same weights and fall back to the reference if they disagree.",
+        _boolean,
+    )
     split_tokens: int = option(
         16384,
         "With several devices: calls of at least this many tokens are split across them.",

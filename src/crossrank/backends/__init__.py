@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from crossrank.backends.base import Pending, Runner, TorchPaddedRunner
 from crossrank.backends.packed import PackedOptions, PackedRunner, unsupported_reason
+from crossrank.backends.selfcheck import SelfCheck, checked_worker
 from crossrank.backends.workers import DeviceWorker
 from crossrank.errors import OptionError
 from crossrank.loading import LoadedModel, load_weights, resolve_device, resolve_dtype
@@ -28,6 +29,7 @@ from crossrank.tokenization import PairTokenizer
 __all__ = [
     "Pending",
     "Runner",
+    "SelfCheck",
     "build_runner",
     "build_workers",
     "compute_dtype",
@@ -119,7 +121,8 @@ def build_workers(
 ) -> list[DeviceWorker]:
     """One :class:`DeviceWorker` per device. The first runs ``loaded`` (already on
     ``devices[0]``); each other device gets its own copy of the weights, while the config and
-    the tokenizer stay shared."""
+    the tokenizer stay shared. A fast runner is checked against the reference on the loaded
+    weights first (``self_check``, :mod:`crossrank.backends.selfcheck`)."""
     workers = []
     for k, device in enumerate(devices):
         here = loaded
@@ -130,5 +133,14 @@ def build_workers(
             )
             here = replace(loaded, model=model)
         runner = build_runner(here, device, tokenizer, options)
-        workers.append(DeviceWorker(runner, device, loaded.num_labels))
+        workers.append(
+            checked_worker(
+                runner,
+                here.model,
+                device,
+                tokenizer,
+                loaded.num_labels,
+                self_check=options.self_check,
+            )
+        )
     return workers

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, wait
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from crossrank.backends.base import Pending, Runner
 from crossrank.backends.families import raw_scores
 from crossrank.batching import plan_batches
 from crossrank.tokenization import EncodedPairs
+
+if TYPE_CHECKING:
+    from crossrank.backends.selfcheck import SelfCheck
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +122,28 @@ def run_on_devices(
 
 
 class DeviceWorker:
-    """One device's runner, the lock serialising submissions to it, and the OOM split."""
+    """One device's runner, the lock serialising submissions to it, and the OOM split.
 
-    def __init__(self, runner: Runner, device: torch.device, num_labels: int) -> None:
+    ``rescue`` (float16/bfloat16 models) rescores a pass whose logits are not all finite, and
+    ``self_check`` is the fast runner's check at load (:mod:`crossrank.backends.selfcheck`).
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        device: torch.device,
+        num_labels: int,
+        *,
+        rescue: Runner | None = None,
+        self_check: SelfCheck | None = None,
+    ) -> None:
         self.runner = runner
         self.device = device
         self.num_labels = num_labels
+        self.rescue = rescue
+        self.self_check = self_check
+        #: Passes rescored by ``rescue`` since start.
+        self.rescored_batches = 0
         self._lock = threading.Lock()
 
     def submit(self, encoded: EncodedPairs) -> Pending:
@@ -150,7 +170,23 @@ class DeviceWorker:
             rows = np.arange(len(encoded))
             first, second = (self.submit(encoded.take(part)) for part in (rows[:half], rows[half:]))
             return lambda: np.concatenate([first(), second()])
-        return lambda: raw_scores(logits(), self.num_labels)
+        return lambda: self._scores(encoded, logits())
+
+    def _scores(self, encoded: EncodedPairs, logits: np.ndarray) -> np.ndarray:
+        """Raw scores of a finished pass; non-finite half-precision logits are rescored."""
+        if self.rescue is not None and not np.isfinite(logits).all():
+            with self._lock:  # the rescue swaps the shared model's parameters while it runs
+                self.rescored_batches += 1
+                log = logger.warning if self.rescored_batches == 1 else logger.debug
+                log(
+                    "non-finite logits in a pass of %d pairs on %s; rescoring it in float32 "
+                    "(%d passes so far)",
+                    len(encoded),
+                    self.device,
+                    self.rescored_batches,
+                )
+                logits = self.rescue.run(encoded)
+        return raw_scores(logits, self.num_labels)
 
 
 class DevicePool:
@@ -164,6 +200,18 @@ class DevicePool:
         self.workers = list(workers)
         self.split_tokens = split_tokens
         self._executor = executor
+
+    @property
+    def self_check(self) -> SelfCheck | None:
+        """The workers' fast-path checks at load, the worst first (a failure, else the
+        largest difference); ``None`` when none ran."""
+        checks = [w.self_check for w in self.workers if w.self_check is not None]
+        return max(checks, key=lambda c: (c.fell_back, c.max_abs_diff), default=None)
+
+    @property
+    def rescored_batches(self) -> int:
+        """Passes rescored in float32 on every device since start."""
+        return sum(w.rescored_batches for w in self.workers)
 
     def spreads(self, encoded: EncodedPairs) -> bool:
         """Whether ``encoded`` is large enough to be spread over several devices."""

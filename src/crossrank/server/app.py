@@ -161,6 +161,7 @@ class _ModelState:
         self._unsubscribe = reranker.subscribe(self.metrics.observe_batch)
         self.metrics.track_queue(lambda: batcher.pending_pairs)
         self.metrics.track_cache(lambda: reranker.cache_stats)
+        self.metrics.track_fast_path(reranker.self_check, lambda: reranker.rescored_batches)
         self.metrics.ready.set(1)
         self.reranker = reranker
         logger.info("ready: serving %s", self.model_name)
@@ -285,11 +286,15 @@ def _add_probe_routes(app: FastAPI, state: _ModelState, metrics: ServerMetrics) 
         return {"status": "ok"}
 
     @app.get("/ready", summary="The model is loaded and warmed up", responses=_ERRORS)
-    async def ready() -> dict[str, str]:
-        if state.reranker is None:
+    async def ready() -> dict[str, Any]:
+        reranker = state.reranker
+        if reranker is None:
             retry = {"Retry-After": str(state.settings.retry_after)}
             raise HTTPException(503, state.why_not_ready(public=True), headers=retry)
-        return {"status": "ready", "model": state.model_name}
+        body: dict[str, Any] = {"status": "ready", "model": state.model_name}
+        if reranker.self_check is not None:  # the fast runner's check at load, when one ran
+            body["self_check"] = reranker.self_check.as_dict()
+        return body
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:

@@ -7,6 +7,7 @@ can live in one process (tests, embedding) without duplicate-metric errors.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from crossrank.cache import CacheStats
+
+if TYPE_CHECKING:
+    from crossrank.backends.selfcheck import SelfCheck
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _PAIR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -85,6 +89,8 @@ class ServerMetrics:
         )
         self._cache = _CacheCollector()
         self.registry.register(self._cache)
+        self._fast_path = _FastPathCollector()
+        self.registry.register(self._fast_path)
 
     def observe_batch(self, pairs: int, tokens: int) -> None:
         """Subscribed to the engine (:meth:`Reranker.subscribe`): called after every forward pass."""
@@ -100,6 +106,12 @@ class ServerMetrics:
         """Read the engine's score-cache counters from ``stats`` at every scrape (no cache
         metrics are exposed while it returns ``None``)."""
         self._cache.stats = stats
+
+    def track_fast_path(self, check: SelfCheck | None, rescored: Callable[[], int]) -> None:
+        """Expose the fast path's self-check at load (nothing while ``check`` is ``None``) and
+        read the count of passes rescored in float32 from ``rescored`` at every scrape."""
+        self._fast_path.check = check
+        self._fast_path.rescored = rescored
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -127,4 +139,40 @@ class _CacheCollector(Collector):
             "crossrank_cache_available",
             "1 while the score cache is used, 0 while it is skipped after a failure.",
             value=int(stats.available),
+        )
+
+
+class _FastPathCollector(Collector):
+    """The engine's fast-path self-check and float32 rescue count, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.check: SelfCheck | None = None
+        self.rescored: Callable[[], int] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.rescored is not None:
+            yield CounterMetricFamily(
+                "crossrank_rescored_batches",
+                "float16/bfloat16 forward passes with non-finite logits rescored in float32.",
+                value=self.rescored(),
+            )
+        check = self.check
+        if check is None:
+            return
+        yield GaugeMetricFamily(
+            "crossrank_fast_path_self_check_passed",
+            "1 if the fast runner matched the reference on the probe set at load, 0 if the "
+            "server fell back to the reference runner.",
+            value=int(check.passed),
+        )
+        yield GaugeMetricFamily(
+            "crossrank_fast_path_max_abs_diff",
+            "Largest |fast - reference| raw-score difference on the probe set at load "
+            "(+Inf for a non-finite score).",
+            value=check.max_abs_diff,
+        )
+        yield GaugeMetricFamily(
+            "crossrank_fast_path_tolerance",
+            "The difference the self-check accepts for the model's dtype.",
+            value=check.tolerance,
         )
