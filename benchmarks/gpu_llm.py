@@ -118,7 +118,8 @@ class LlmBench:
     def measure(self, name: str, score: Callable[[Pairs], Any], tokens: Callable[[], int]) -> Row:
         """Bulk pairs/s (best of ``repeats``), then 1xN latency over every question."""
         free(self.device)
-        score(self.bulk[:8])  # warm-up
+        score(self.bulk[: self.work.per_query])  # warm-up: one 1xN request (CUDA graphs)
+        score(self.bulk[:8])
         bulk = min(timed(lambda: score(self.bulk), self.device) for _ in range(self.repeats))
         computed = tokens()
         latencies = []
