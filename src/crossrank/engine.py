@@ -16,19 +16,22 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from crossrank.backends import Runner, SelfCheck, build_workers, compute_dtype, resolve_devices
+from crossrank.backends.decoder import FAMILIES as DECODER_FAMILIES
+from crossrank.backends.decoder import PromptTokenizer, detect_family
 from crossrank.backends.families import pair_lengths
 from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
 from crossrank.cache import CacheStats, ScoreCache, open_cache
+from crossrank.errors import OptionError
 from crossrank.fingerprint import model_identity
-from crossrank.loading import load
+from crossrank.loading import LoadedModel, load, load_weights
 from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.options import DEFAULT_MODEL, EngineOptions, args_docstring
 from crossrank.peer_api import PeerCompat
@@ -44,6 +47,9 @@ from crossrank.validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: ``config.architectures`` loaded as causal LMs (decoder rerankers read from answer logits).
+DECODER_ARCHITECTURES = frozenset().union(*(f.architectures for f in DECODER_FAMILIES.values()))
 
 
 # Tokens per forward pass (padding included). CPU passes gain nothing from being large;
@@ -112,25 +118,27 @@ class Reranker(PeerCompat):
         self.split_tokens = opts.split_tokens
         cache_backend = open_cache(opts.cache)
         devices = resolve_devices(opts)
-        self.device, self.dtype = devices[0], compute_dtype(opts, devices[0])
-        self.batch_tokens = opts.batch_tokens or _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192)
+        self.device = devices[0]
         loaded = load(
             model_name_or_path,
             device=self.device,
-            dtype=self.dtype,
+            dtype=compute_dtype(opts, self.device),
             revision=opts.revision,
             cache_dir=opts.cache_dir,
             local_files_only=opts.local_files_only,
             trust_remote_code=opts.trust_remote_code,
-            weights=opts.backend == "torch",
+            weights=False,
+            causal_architectures=DECODER_ARCHITECTURES,
         )
+        #: The decoder (LLM) reranker family, ``None`` for an encoder cross-encoder.
+        self.family = detect_family(loaded.config, loaded.tokenizer, name=opts.family)
+        loaded = self._with_weights(loaded, opts)
         #: The torch model; ``None`` with ``backend="onnx"``, which never keeps the weights.
         self.model = loaded.model
         self.num_labels = loaded.num_labels
+        self.batch_tokens = opts.batch_tokens or self._default_batch_tokens(loaded.config)
         self.max_length, self.query_max_length = pair_lengths(loaded.config, opts)
-        self.tokenizer = PairTokenizer(
-            loaded.tokenizer, max_length=self.max_length, query_max_length=self.query_max_length
-        )
+        self.tokenizer = self._pair_tokenizer(loaded, opts)
         self.long_docs.check_room(
             self.max_length - self.query_max_length - self.tokenizer.special_tokens_in_pair
         )
@@ -151,6 +159,61 @@ class Reranker(PeerCompat):
             weakref.WeakKeyDictionary()
         )
         self._observers = Observers()
+
+    def _with_weights(self, loaded: LoadedModel, opts: EngineOptions) -> LoadedModel:
+        """``loaded`` with its weights (torch backend) in the compute dtype, which for a
+        decoder family is bf16 on CUDA (see :func:`crossrank.backends.compute_dtype`), and
+        ``num_labels`` set from the family for a causal LM."""
+        family = self.family
+        if family is None and opts.instruction is not None:
+            raise OptionError("instruction", "instruction applies to decoder (LLM) rerankers only")
+        if family is not None and opts.backend != "torch":
+            raise OptionError("backend", f"{family.name} rerankers run with backend='torch'")
+        self.dtype = compute_dtype(opts, self.device, decoder=family is not None)
+        if family is not None and loaded.causal:
+            loaded = replace(loaded, num_labels=family.num_labels)
+        if opts.backend != "torch":
+            return loaded
+        model = load_weights(
+            loaded.source,
+            loaded.config,
+            device=self.device,
+            dtype=self.dtype,
+            hub=loaded.hub,
+            causal=loaded.causal,
+        )
+        return replace(loaded, model=model)
+
+    def _default_batch_tokens(self, config: Any) -> int:
+        """Tokens per pass on this device; for a decoder scaled by its width x depth against
+        the 1024-wide, 24-layer encoder the defaults were sized for (a decoder token also
+        costs a wider MLP: Qwen3-Reranker-0.6B 3072, 4B 9728)."""
+        base = _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192)
+        if self.family is None:
+            return base
+        size = int(config.hidden_size) * int(config.num_hidden_layers)
+        return max(2048, min(base, base * 1024 * 24 // size))
+
+    def _pair_tokenizer(self, loaded: LoadedModel, opts: EngineOptions) -> PairTokenizer:
+        """The encoder's pair tokenizer, or a decoder family's prompt tokenizer."""
+        if self.family is None:
+            return PairTokenizer(
+                loaded.tokenizer,
+                max_length=self.max_length,
+                query_max_length=self.query_max_length,
+            )
+        prompt = PromptTokenizer(
+            loaded.tokenizer,
+            self.family,
+            max_length=self.max_length,
+            query_max_length=opts.query_max_length or 1,
+            instruction=opts.instruction,
+        )
+        if opts.query_max_length is None:
+            # the default, 3/4 of the room the template leaves (not of max_length)
+            room = self.max_length - prompt.special_tokens_in_pair
+            self.query_max_length = prompt.query_max_length = max(1, room * 3 // 4)
+        return prompt
 
     def __repr__(self) -> str:
         return (
@@ -494,8 +557,16 @@ class Reranker(PeerCompat):
                 str(self.max_length),
                 str(self.query_max_length),
                 self.long_docs.fingerprint(),
+                *self._prompt_fingerprint(),
             ]
         )
+
+    def _prompt_fingerprint(self) -> list[str]:
+        """A decoder family's name and instruction (they change every prompt)."""
+        tok = self.tokenizer
+        if not isinstance(tok, PromptTokenizer):
+            return []
+        return [tok.family.name, tok.instruction]
 
     def _ranked(
         self, docs: list[str], scored: DocScores, top_n: int | None, threshold: float | None

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
@@ -68,6 +69,9 @@ class LoadedModel:
     source: str
     #: Hub options (revision, cache_dir, ...) to load the weights later with ``load_weights``.
     hub: dict[str, Any]
+    #: A causal LM (a decoder reranker scored from answer-token logits), loaded with
+    #: ``AutoModelForCausalLM``; ``num_labels`` is then the engine's to set from the family.
+    causal: bool = False
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -234,9 +238,12 @@ def load(
     local_files_only: bool = False,
     trust_remote_code: bool = False,
     weights: bool = True,
+    causal_architectures: frozenset[str] = frozenset(),
 ) -> LoadedModel:
     """Load a sequence-classification checkpoint's config, fast tokenizer and (unless
-    ``weights=False``) its weights onto ``device``."""
+    ``weights=False``) its weights onto ``device``. A checkpoint whose
+    ``config.architectures`` lists one of ``causal_architectures`` (the decoder reranker
+    families the caller knows) is loaded as a causal LM instead."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError("model must be a non-empty hub id or local directory path")
     expanded = os.path.expanduser(name_or_path)
@@ -259,21 +266,28 @@ def load(
     except (OSError, ValueError) as err:
         raise ModelLoadError(_explain(name_or_path, err)) from err
     architectures = list(getattr(config, "architectures", None) or [])
-    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+    causal = bool(set(architectures) & causal_architectures)
+    if (
+        architectures
+        and not causal
+        and not any(a.endswith("ForSequenceClassification") for a in architectures)
+    ):
         raise ModelLoadError(
             f"{name_or_path!r} is a {', '.join(architectures)} checkpoint, not a "
             "sequence-classification model (cross-encoder); crossrank needs a reranker such as "
             "BAAI/bge-reranker-v2-m3"
         )
     num_labels = int(config.num_labels)
-    if num_labels not in (1, 2):
+    if num_labels not in (1, 2) and not causal:
         raise ModelLoadError(
             f"{name_or_path!r} has {num_labels} labels; a reranker has one relevance logit "
             "(or two labels: not relevant / relevant)"
         )
     model = None
     if weights:
-        model = load_weights(name_or_path, config, device=device, dtype=dtype, hub=hub)
+        model = load_weights(
+            name_or_path, config, device=device, dtype=dtype, hub=hub, causal=causal
+        )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -281,6 +295,7 @@ def load(
         config=config,
         source=name_or_path,
         hub=hub,
+        causal=causal,
     )
 
 
@@ -291,10 +306,13 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
     hub: dict[str, Any],
+    causal: bool = False,
 ) -> PreTrainedModel:
-    """Load the safetensors weights of a checkpoint whose config is already loaded."""
+    """Load the safetensors weights of a checkpoint whose config is already loaded
+    (``causal``: as ``AutoModelForCausalLM``, a decoder reranker's LM head included)."""
+    auto: Any = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model, info = auto.from_pretrained(
             source,
             config=config,
             dtype=dtype,
@@ -315,7 +333,8 @@ def load_weights(
     missing = [k for k in info.get("missing_keys", []) if k]
     if missing:
         raise ModelLoadError(
-            f"{source!r} is not a sequence-classification checkpoint: its weights lack "
+            f"{source!r} is not a {'causal LM' if causal else 'sequence-classification'} "
+            f"checkpoint: its weights lack "
             f"{', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''}"
         )
     model.to(device)

@@ -216,6 +216,18 @@ class EngineOptions:
         "first max_windows windows (and only that much of its text is tokenized).",
         _positive_int(),
     )
+    family: str | None = option(
+        None,
+        "Decoder (LLM) reranker family: None detects it from the model's config "
+        "(qwen3-reranker, bge-reranker-gemma); a family name overrides the detection.",
+        _optional_str,
+    )
+    instruction: str | None = option(
+        None,
+        "Decoder rerankers: the task instruction put in the prompt (default: the family's, "
+        "e.g. Qwen3-Reranker's web-search one); refused for encoder cross-encoders.",
+        _optional_str,
+    )
     cache: Any = option(
         None,
         "Score cache: 'memory' (an in-process LRU), or a redis://, rediss:// or unix:// URL "

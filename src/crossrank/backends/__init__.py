@@ -18,6 +18,8 @@ import torch
 from transformers import PreTrainedModel
 
 from crossrank.backends.base import Pending, Runner, TorchPaddedRunner
+from crossrank.backends.decoder import PromptTokenizer
+from crossrank.backends.decoder_packed import choose_decoder_runner
 from crossrank.backends.packed import PackedOptions, PackedRunner, unsupported_reason
 from crossrank.backends.selfcheck import SelfCheck, checked_worker
 from crossrank.backends.workers import DeviceWorker
@@ -55,6 +57,16 @@ def build_runner(
         )
     if loaded.model is None:
         raise ValueError("the torch backend needs the model's weights (loaded with weights=True)")
+    if isinstance(tokenizer, PromptTokenizer):  # a decoder (LLM) reranker
+        fast_path = None if options.fast_path is None else options.fast_path is not False
+        return choose_decoder_runner(
+            loaded.model,
+            device,
+            tokenizer.pad_id,
+            tokenizer.family,
+            tokenizer.answer_ids,
+            fast_path,
+        )
     return torch_runner(loaded.model, device, tokenizer.pad_id, options.fast_path)
 
 
@@ -99,9 +111,18 @@ def resolve_devices(options: EngineOptions) -> list[torch.device]:
         raise OptionError("device", str(err)) from None
 
 
-def compute_dtype(options: EngineOptions, device: torch.device) -> torch.dtype:
-    """The compute dtype on ``device``; the ONNX backend runs on the CPU in float32 only."""
+def compute_dtype(
+    options: EngineOptions, device: torch.device, decoder: bool = False
+) -> torch.dtype:
+    """The compute dtype on ``device``; the ONNX backend runs on the CPU in float32 only.
+
+    ``decoder``: for a decoder (LLM) reranker ``"auto"`` is bfloat16 on CUDA, not float16:
+    LLM activations grow to magnitudes past fp16's 65504 in some layers (large residual
+    outliers), which turn into inf/NaN scores, while bf16 has fp32's range; the Qwen3 and
+    gemma checkpoints are published in bf16."""
     if options.backend != "onnx":
+        if decoder and options.dtype == "auto" and device.type == "cuda":
+            return torch.bfloat16
         return resolve_dtype(options.dtype, device)
     dtype = resolve_dtype("float32" if options.dtype == "auto" else options.dtype, device)
     if device.type != "cpu" or dtype != torch.float32:
@@ -127,9 +148,14 @@ def build_workers(
     for k, device in enumerate(devices):
         here = loaded
         if k and loaded.model is not None:
-            dtype = compute_dtype(options, device)
+            dtype = compute_dtype(options, device, decoder=isinstance(tokenizer, PromptTokenizer))
             model = load_weights(
-                loaded.source, loaded.config, device=device, dtype=dtype, hub=loaded.hub
+                loaded.source,
+                loaded.config,
+                device=device,
+                dtype=dtype,
+                hub=loaded.hub,
+                causal=loaded.causal,
             )
             here = replace(loaded, model=model)
         runner = build_runner(here, device, tokenizer, options)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import string
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,7 +44,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from crossrank.backends.base import Pending, Runner, device_result
 from crossrank.errors import ModelLoadError, OptionError
-from crossrank.tokenization import EncodedPairs, PairTokenizer
+from crossrank.tokenization import EncodedPairs, PairTokenizer, split_call
 from crossrank.validation import scrub_surrogates
 
 logger = logging.getLogger(__name__)
@@ -222,15 +223,18 @@ def answer_token_ids(family: DecoderFamily, tokenizer: PreTrainedTokenizerBase) 
 class PromptTokenizer(PairTokenizer):
     """Encodes (query, document) pairs as a decoder family's prompt.
 
-    Same interface as :class:`PairTokenizer` (``encode``, ``cap_queries``, ``cap_documents``,
-    ``token_counts``, ``pad_id``, ``max_length``, ``query_max_length``), so the engine can use
-    either. ``max_length`` counts every token of the prompt. Queries are capped at
-    ``query_max_length`` tokens (as text, like the encoder path); the document segment is then
-    cut at its end so the prompt fits. ``special_tokens_in_pair`` is the template's token
-    count with an empty query and document (the instruction included), i.e. what the engine
-    must reserve besides the query and the document; a pair's length is that plus its query
-    and document counts, give or take a token where the byte-level BPE merges across a
-    boundary (e.g. a query's final "?" with the template's newline).
+    Same interface as :class:`PairTokenizer` (``encode``, ``encode_windows``,
+    ``cap_queries``, ``cap_documents``, ``token_counts``, ``pad_id``, ``max_length``,
+    ``query_max_length``), so the engine can use either; it reuses the parent's public
+    machinery (shared Rust backend, documents cut before tokenizing, crossrank's thread
+    pool, cancel events) and overrides only the public encode methods. ``max_length``
+    counts every token of the prompt. Queries are capped at ``query_max_length`` tokens (as
+    text, like the encoder path); the document segment is then cut at its end so the prompt
+    fits. ``special_tokens_in_pair`` is the template's token count with an empty query and
+    document (the instruction included), i.e. what the engine must reserve besides the
+    query and the document; a pair's length is that plus its query and document counts,
+    give or take a token where the byte-level BPE merges across a boundary (e.g. a query's
+    final "?" with the template's newline).
     """
 
     def __init__(
@@ -249,9 +253,7 @@ class PromptTokenizer(PairTokenizer):
         bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
         self._bos = [int(bos)] if family.bos and bos is not None and bos != pad else []
         self.answer_ids = answer_token_ids(family, tokenizer)
-        with self._lock:
-            empty = self._rows([""], [""], self.instruction)[0]
-        self.special_tokens_in_pair = len(empty)
+        self.special_tokens_in_pair = len(self._rows([""], [""], self.instruction)[0])
         if query_max_length + self.special_tokens_in_pair >= max_length:
             raise ValueError(
                 f"query_max_length={query_max_length} leaves no room for the document within "
@@ -263,21 +265,23 @@ class PromptTokenizer(PairTokenizer):
         self,
         queries: Sequence[str],
         documents: Sequence[str],
+        *,
+        cancel: threading.Event | None = None,
         instruction: str | None = None,
     ) -> EncodedPairs:
         """Prompt ids of pair ``i`` = ``(queries[i], documents[i])``; ``instruction``
-        overrides the tokenizer's for this call."""
+        overrides the tokenizer's for this call; ``cancel`` as :meth:`PairTokenizer.encode`."""
         queries = scrub_surrogates(queries)
-        documents = scrub_surrogates(documents)
+        documents = list(documents)  # surrogates are scrubbed after the cut
         if not documents:
             return EncodedPairs.concat([])
-        with self._lock:
-            rows = self._rows(
-                self._capped(queries),
-                documents,
-                self.instruction if instruction is None else instruction,
-            )
-        return self._flat(rows, None)
+        capped = self._capped(queries)[0]
+        chosen = self.instruction if instruction is None else instruction
+
+        def chunk(lo: int, hi: int) -> EncodedPairs:
+            return self._flat(self._rows(capped[lo:hi], documents[lo:hi], chosen), None)
+
+        return EncodedPairs.concat(split_call(chunk, len(documents), cancel))
 
     def encode_windows(
         self,
@@ -286,55 +290,63 @@ class PromptTokenizer(PairTokenizer):
         *,
         window_tokens: int | None,
         overlap: int | None,
+        max_windows: int | None = None,
+        cancel: threading.Event | None = None,
         instruction: str | None = None,
     ) -> EncodedPairs:
         """One row per document window (``pair_index``/``spans`` set), as
         :meth:`PairTokenizer.encode_windows`: a window holds up to ``window_tokens`` document
         tokens (``None``: all the room the pair's prompt leaves) and starts ``overlap`` tokens
-        (``None``: an eighth of the window) before the previous one ends. Windows are cut on
-        the document's own tokens and re-rendered into the template as text, so each row is a
-        complete prompt; a document that fits gives exactly the row :meth:`encode` gives."""
+        (``None``: an eighth of the window) before the previous one ends; only the first
+        ``max_windows`` are kept. Windows are cut on the document's own tokens and
+        re-rendered into the template as text, so each row is a complete prompt; a document
+        that fits gives exactly the row :meth:`encode` gives."""
         queries = scrub_surrogates(queries)
-        documents = scrub_surrogates(documents)
+        documents = list(documents)
         if not documents:
             empty = EncodedPairs.concat([])
             return replace(
                 empty, pair_index=np.zeros(0, np.int64), spans=np.zeros((0, 2), np.int64)
             )
         instruction = self.instruction if instruction is None else instruction
-        with self._lock:
-            capped = self._capped(queries)
-            fixed = self._rows(capped, [""] * len(capped), instruction)
-            offsets = self.tokenizer(
-                documents,
-                add_special_tokens=False,
-                return_offsets_mapping=True,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )["offset_mapping"]
+        capped = self._capped(queries)[0]
+        fixed = [len(r) for r in self._rows(capped, [""] * len(capped), instruction)]
+        layouts = []
+        for length in fixed:
+            room = self.max_length - length
+            if window_tokens is not None:
+                room = min(room, window_tokens)
+            stride = room // 8 if overlap is None else overlap
+            layouts.append((room, max(0, min(stride, room - 1))))
+        need = None
+        if max_windows is not None:
+            need = max((max_windows - 1) * (room - s) + room for room, s in layouts)
+
+        def chunk(lo: int, hi: int) -> EncodedPairs:
+            docs = scrub_surrogates(documents[lo:hi])
+            encodings = self._encode_texts(documents[lo:hi], need, offsets=True)
             window_queries, window_texts, pair_index, spans = [], [], [], []
-            for i, document in enumerate(documents):
-                room = self.max_length - len(fixed[i])
-                if window_tokens is not None:
-                    room = min(room, window_tokens)
-                stride = room // 8 if overlap is None else overlap
-                for start, end in _windows(len(offsets[i]), room, min(stride, room - 1)):
-                    span = (offsets[i][start][0], offsets[i][end - 1][1]) if end else (0, 0)
-                    whole = start == 0 and end == len(offsets[i])
+            for i, encoding in zip(range(lo, hi), encodings, strict=True):
+                offsets, (room, stride) = encoding.offsets, layouts[i]
+                for start, end in _windows(len(offsets), room, stride)[:max_windows]:
+                    span = (offsets[start][0], offsets[end - 1][1]) if end else (0, 0)
+                    whole = start == 0 and end == len(offsets)
                     window_queries.append(capped[i])
-                    window_texts.append(document if whole else document[span[0] : span[1]])
+                    window_texts.append(docs[i - lo] if whole else docs[i - lo][span[0] : span[1]])
                     pair_index.append(i)
                     spans.append(span)
-            rows = self._rows(window_queries, window_texts, instruction)
-        flat = self._flat(rows, None)
-        return replace(
-            flat,
-            pair_index=np.asarray(pair_index, dtype=np.int64),
-            spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
-        )
+            flat = self._flat(self._rows(window_queries, window_texts, instruction), None)
+            return replace(
+                flat,
+                pair_index=np.asarray(pair_index, dtype=np.int64),
+                spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
+            )
+
+        return EncodedPairs.concat(split_call(chunk, len(documents), cancel))
 
     def _rows(self, queries: list[str], documents: list[str], instruction: str) -> list[list[int]]:
-        """Token ids of each pair's prompt (caller holds the lock)."""
+        """Token ids of each pair's prompt: the pieces tokenized separately, the document
+        piece cut at its end to the room the others leave."""
         family = self.family
         doc_at = family.document_segment
         fixed: dict[str, list[int]] = {}
@@ -349,7 +361,11 @@ class PromptTokenizer(PairTokenizer):
             doc_texts.append(texts[doc_at])
             for text in texts[:doc_at] + texts[doc_at + 1 :]:
                 fixed.setdefault(text, [])
-        self._tokenize_into(fixed)
+        texts = list(fixed)
+        for text, encoding in zip(
+            texts, self._encode_texts(texts, None, offsets=False), strict=True
+        ):
+            fixed[text] = encoding.ids
         rows = []
         rooms = []
         for head, tail in zip(heads, tails, strict=True):
@@ -360,30 +376,12 @@ class PromptTokenizer(PairTokenizer):
         if min(rooms) < 1:
             bad = int(np.argmin(rooms))
             raise ValueError(f"pair {bad}: the prompt without its document exceeds max_length")
-        doc_ids = self._encode_texts(doc_texts, truncate_at=max(rooms))
+        # exact in the first max(rooms) tokens (the document text is cut before tokenizing)
+        doc_ids = self._encode_texts(doc_texts, max(rooms), offsets=False)  # scrubs the cut
         return [
-            before + ids[:room] + after
-            for (before, after), ids, room in zip(rows, doc_ids, rooms, strict=True)
+            before + encoding.ids[:room] + after
+            for (before, after), encoding, room in zip(rows, doc_ids, rooms, strict=True)
         ]
-
-    def _tokenize_into(self, table: dict[str, list[int]]) -> None:
-        texts = list(table)
-        for text, ids in zip(texts, self._encode_texts(texts, truncate_at=None), strict=True):
-            table[text] = ids
-
-    def _encode_texts(self, texts: list[str], truncate_at: int | None) -> list[list[int]]:
-        """Ids of each text without special tokens, cut after ``truncate_at`` tokens
-        (the Rust tokenizer's own truncation: the tail of a single sequence)."""
-        if not texts:
-            return []
-        backend = self.tokenizer.backend_tokenizer
-        if truncate_at is None:
-            backend.no_truncation()
-        else:
-            backend.enable_truncation(truncate_at, direction="right")
-        backend.no_padding()
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 def _windows(tokens: int, room: int, stride: int) -> list[tuple[int, int]]:
