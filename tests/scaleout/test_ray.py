@@ -194,14 +194,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_url(cluster: None, tiny_model_dir: Path) -> Iterator[str]:
+def proxy_url(cluster: None) -> Iterator[str]:
+    """Ray Serve started, with its HTTP proxy on a free port."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_url(proxy_url: str, tiny_model_dir: Path) -> str:
     """The rerank app on Ray Serve: two replicas of half a CPU each, behind Serve's proxy."""
     from ray import serve
 
     from crossrank.ray import RerankAppArgs, build_app
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = RerankAppArgs(
         model=str(tiny_model_dir),
         replicas=2,
@@ -211,10 +222,7 @@ def serve_url(cluster: None, tiny_model_dir: Path) -> Iterator[str]:
         api_key=KEY,
     )
     serve.run(build_app(args), name="crossrank-test", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    return proxy_url
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +348,44 @@ def test_a_killed_replica_loses_no_retried_request(serve_url: str, tiny_reranker
     while not (len(now := replicas()) == 2 and victim not in now):
         assert time.monotonic() < deadline, f"Serve did not replace the replica: {now}"
         time.sleep(0.5)
+
+
+def test_a_stopping_app_answers_503_then_is_deleted(proxy_url: str, tiny_model_dir: Path) -> None:
+    """``stop_app`` (what ``crossrank serve --ray`` does on SIGTERM) first makes every replica
+    answer 503 with a JSON error and Retry-After (Serve's proxy answered 404 once the app
+    was deleted at once), then deletes the app; a later request is answered, not held."""
+    import threading
+
+    import httpx
+    from ray import serve
+
+    from crossrank.ray import RerankAppArgs, build_app
+    from crossrank.ray.serve import stop_app
+
+    args = RerankAppArgs(model=str(tiny_model_dir), num_cpus=0.5, device="cpu", api_key=None)
+    serve.run(build_app(args), name="crossrank-drain", route_prefix="/drain")
+    url, body = proxy_url + "/drain/v1/rerank", {"query": QUERY, "documents": DOCS}
+    assert httpx.post(url, json=body, timeout=60).status_code == 200
+    cut_short = threading.Event()
+    stopper = threading.Thread(
+        target=stop_app, args=(300,), kwargs={"name": "crossrank-drain", "cut_short": cut_short}
+    )
+    stopper.start()
+    try:
+        while (answer := httpx.post(url, json=body, timeout=60)).status_code == 200:
+            pass  # until the broadcast reached the replica
+        ready = httpx.get(proxy_url + "/drain/ready", timeout=60)
+        assert stopper.is_alive()  # still in the drain period
+    finally:
+        cut_short.set()
+        stopper.join(120)
+    assert answer.status_code == 503, answer.text
+    assert "shutting down" in answer.json()["message"] and answer.headers["Retry-After"] == "1"
+    assert ready.status_code == 503 and "shutting down" in ready.json()["message"]
+    assert not stopper.is_alive()
+    assert "crossrank-drain" not in serve.status().applications
+    after = httpx.post(url, json=body, timeout=60)  # answered by the proxy, not held
+    assert after.status_code == 404, after.text
 
 
 def _busy_replica(names: list[str]) -> str:

@@ -43,7 +43,7 @@ from crossrank.validation import check_documents, check_query, check_top_n
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["APP_NAME", "RerankAppArgs", "RerankDeployment", "build_app", "run_app"]
+__all__ = ["APP_NAME", "RerankAppArgs", "RerankDeployment", "build_app", "run_app", "stop_app"]
 
 #: Requests one replica works on at once (Serve's default of 5 would starve the engine's
 #: batching; the engine's own queue limit still answers 429 beyond ``max_queue`` pairs).
@@ -83,12 +83,22 @@ class RerankDeployment:
         self.settings = settings or ServerSettings()
         self.reranker = Reranker(model, options, **overrides)
         self.reranker.warmup()
+        self.http_app: FastAPI | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after the constructor: the server's app around this engine."""
         from crossrank.server.app import create_app
 
-        return create_app(self.reranker, self.settings)
+        self.http_app = create_app(self.reranker, self.settings)
+        return self.http_app
+
+    def drain(self) -> None:
+        """Answer 503 from now on (:func:`crossrank.server.app.start_draining`): the
+        application is about to be deleted (:func:`run_app` calls it on every replica)."""
+        from crossrank.server.app import start_draining
+
+        if self.http_app is not None:
+            start_draining(self.http_app)
 
     async def rerank(
         self, query: str, documents: list[str], top_n: int | None = None
@@ -174,6 +184,14 @@ class RerankAppArgs(_EngineArgs):  # type: ignore[misc,valid-type]
     max_docs: PositiveInt = 1000
     max_queue: PositiveInt = 10_000
     request_timeout: PositiveFloat = 120.0
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="On SIGINT/SIGTERM (crossrank serve --ray): seconds every replica answers "
+        "503 (with Retry-After) before the application is deleted, so load balancers take it "
+        "out and in-flight requests finish (a second signal cuts it short).",
+    )
     api_key: SecretStr | None = Field(
         default_factory=lambda: _env_api_key(),
         validate_default=True,
@@ -268,7 +286,8 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def run_app(args: RerankAppArgs, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """``crossrank serve --ray``: deploy on the cluster at ``RAY_ADDRESS`` (else a local one)
-    and serve until SIGINT or SIGTERM, then delete the application (a cluster keeps running).
+    and serve until SIGINT or SIGTERM, then stop the application with :func:`stop_app` (a
+    cluster keeps running).
 
     Must run in the main thread (it handles those signals).
     """
@@ -281,8 +300,28 @@ def run_app(args: RerankAppArgs, *, host: str = "127.0.0.1", port: int = 8000) -
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
     try:
         stop.wait()
+        stop.clear()  # from now on, a second signal cuts the drain short
+        stop_app(args.drain_seconds, cut_short=stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        logger.info("stopping: deleting the %r application", APP_NAME)
-        serve.delete(APP_NAME)
+
+
+def stop_app(
+    drain_seconds: float, *, name: str = APP_NAME, cut_short: threading.Event | None = None
+) -> None:
+    """Stop the application ``name`` gracefully: every replica answers 503 (with
+    ``Retry-After``) for ``drain_seconds`` (or until ``cut_short`` is set), then the
+    application is deleted (Serve then lets the requests still in flight finish).
+
+    Deleting at once would make Serve's proxy answer 404 to every request (issue 13).
+    """
+    logger.info("stopping: replicas answer 503 for %g s, then %r is deleted", drain_seconds, name)
+    handle = serve.get_app_handle(name)
+    try:
+        handle.broadcast("drain").results(timeout_s=30)
+    except Exception as err:  # a replica that cannot drain must not keep the app alive
+        logger.warning("not every replica could be told to drain: %s", err)
+    (cut_short or threading.Event()).wait(drain_seconds)
+    logger.info("deleting the %r application", name)
+    serve.delete(name)

@@ -115,6 +115,8 @@ class _ModelState:
         self.on_load_error = on_load_error
         self.reranker: Reranker | None = None
         self.error: BaseException | None = None
+        #: Set when the server is about to stop: everything that needs the model answers 503.
+        self.draining = False
         self._unsubscribe: Callable[[], None] | None = None
         self._left_cutter: _LeftCutter | None = None
         self._left_lock = threading.Lock()
@@ -173,6 +175,7 @@ class _ModelState:
             self.on_load_error(err)
 
     def close(self) -> None:
+        self.draining = True
         reranker = self.reranker
         self.reranker = None
         self.metrics.ready.set(0)
@@ -184,17 +187,21 @@ class _ModelState:
         if not isinstance(self.source, Reranker):  # we built it, so we stop its worker
             reranker.close()
 
-    def require(self) -> Reranker:
-        """The ready reranker, or a 503 saying why there is none."""
-        if self.reranker is not None:
+    def require(self, *, public: bool = False) -> Reranker:
+        """The ready reranker, or a 503 (with ``Retry-After``) saying why there is none."""
+        if self.reranker is not None and not self.draining:
             return self.reranker
         raise HTTPException(
-            503, self.why_not_ready(), headers={"Retry-After": str(self.settings.retry_after)}
+            503,
+            self.why_not_ready(public=public),
+            headers={"Retry-After": str(self.settings.retry_after)},
         )
 
     def why_not_ready(self, *, public: bool = False) -> str:
         """Why there is no reranker; ``public`` (``/ready``, which needs no key) leaves out
         the load error, which may name local paths (it is in the server log)."""
+        if self.draining:
+            return "the server is shutting down; retry, another instance may answer"
         if self.error is None:
             return "the model is loading; retry when GET /ready answers 200"
         if public:
@@ -274,6 +281,17 @@ def create_app(
     return app
 
 
+def start_draining(app: FastAPI) -> None:
+    """From now on, answer 503 (with ``Retry-After``) on ``/ready`` and on every route that
+    needs the model, as after the app's shutdown: for a server about to be stopped, so that
+    load balancers take it out while its in-flight requests finish (``crossrank serve
+    --ray`` calls it on every replica before deleting the application)."""
+    state: _ModelState = app.state.crossrank
+    state.draining = True
+    state.metrics.ready.set(0)
+    logger.info("draining: new requests get 503 until the server stops")
+
+
 def _add_probe_routes(app: FastAPI, state: _ModelState, metrics: ServerMetrics) -> None:
     page = resources.files("crossrank.server").joinpath("static/index.html").read_text("utf-8")
 
@@ -287,10 +305,7 @@ def _add_probe_routes(app: FastAPI, state: _ModelState, metrics: ServerMetrics) 
 
     @app.get("/ready", summary="The model is loaded and warmed up", responses=_ERRORS)
     async def ready() -> dict[str, Any]:
-        reranker = state.reranker
-        if reranker is None:
-            retry = {"Retry-After": str(state.settings.retry_after)}
-            raise HTTPException(503, state.why_not_ready(public=True), headers=retry)
+        reranker = state.require(public=True)
         body: dict[str, Any] = {"status": "ready", "model": state.model_name}
         if reranker.self_check is not None:  # the fast runner's check at load, when one ran
             body["self_check"] = reranker.self_check.as_dict()
