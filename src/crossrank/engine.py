@@ -16,27 +16,32 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from crossrank.backends import Runner, SelfCheck, build_workers, compute_dtype, resolve_devices
-from crossrank.backends.decoder import FAMILIES as DECODER_FAMILIES
-from crossrank.backends.decoder import PromptTokenizer, detect_family
+from crossrank.backends.decoder import detect_family
 from crossrank.backends.families import pair_lengths
+from crossrank.backends.setup import (
+    DECODER_ARCHITECTURES,
+    default_batch_tokens,
+    pair_tokenizer,
+    prompt_fingerprint,
+    with_weights,
+)
 from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
 from crossrank.cache import CacheStats, ScoreCache, open_cache
-from crossrank.errors import OptionError
 from crossrank.fingerprint import model_identity
-from crossrank.loading import LoadedModel, load, load_weights
+from crossrank.loading import load
 from crossrank.longdoc import DocScores, LongDocs, aggregate
 from crossrank.options import DEFAULT_MODEL, EngineOptions, args_docstring
 from crossrank.peer_api import PeerCompat
 from crossrank.result import RerankResult, sigmoid, to_results
-from crossrank.tokenization import EncodedPairs, PairTokenizer
+from crossrank.tokenization import EncodedPairs
 from crossrank.validation import (
     check_documents,
     check_optional_positive_int,
@@ -47,15 +52,6 @@ from crossrank.validation import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: ``config.architectures`` loaded as causal LMs (decoder rerankers read from answer logits).
-DECODER_ARCHITECTURES = frozenset().union(*(f.architectures for f in DECODER_FAMILIES.values()))
-
-
-# Tokens per forward pass (padding included). CPU passes gain nothing from being large;
-# on CUDA a larger pass keeps the GPU busy and stays far from memory limits for a
-# 24-layer, 1024-wide model.
-_DEFAULT_BATCH_TOKENS = {"cpu": 8192, "mps": 16384, "cuda": 65536}
 
 
 @dataclass(frozen=True)
@@ -77,23 +73,11 @@ class Reranker(PeerCompat):
     models. With ``normalize=False`` the raw logit is returned (for two-label models, the
     difference ``logit[1] - logit[0]``, whose sigmoid is that same probability).
 
-    Long documents: with ``long_docs="truncate"`` (default) a document is cut to the room
-    ``max_length`` leaves after the query (capped at ``query_max_length`` tokens). With
-    ``long_docs="chunk"`` a longer document is split into windows of ``chunk_tokens``
-    document tokens (``None``: all that room) overlapping by ``chunk_overlap`` tokens
-    (``None``: an eighth of the window); every window is scored in the same batches as the
-    other pairs and the document's score is ``aggregate`` over its windows: ``"max"``
-    (default), ``"mean"`` (of the raw logits) or ``"first"`` (the leading window, which
-    equals truncate mode).
-    :attr:`RerankResult.best_span` then gives the ``(start, end)`` character offsets of the
-    best-scoring window in the document (``None`` in truncate mode).
-
-    Score cache: ``cache="memory"`` keeps scores in an in-process LRU; a
-    ``"redis://host:port/db"`` URL shares them between processes (entries expire after a
-    day); any object with ``get_many``/``set_many`` (:class:`crossrank.cache.Cache`) works
-    too. Only pairs missing from the cache reach the model, results are the same as without
-    it, and if the cache server goes away scoring goes on without it (one warning is
-    logged). :attr:`cache_stats` counts hits and misses.
+    Decoder (LLM) rerankers (Qwen3-Reranker, bge-reranker-v2-gemma) are detected from the
+    config and scored from their answer-token logits (``docs/llm-rerankers.md``). Long
+    documents (``long_docs="chunk"``: every window scored, ``RerankResult.best_span`` the best
+    window's characters), the score cache and every other option are described once, in
+    the ``Args`` of ``__init__`` (:class:`~crossrank.options.EngineOptions`).
 
     The instance is thread-safe and its async methods never block the event loop; concurrent
     async calls share forward passes through a micro-batching queue.
@@ -132,13 +116,18 @@ class Reranker(PeerCompat):
         )
         #: The decoder (LLM) reranker family, ``None`` for an encoder cross-encoder.
         self.family = detect_family(loaded.config, loaded.tokenizer, name=opts.family)
-        loaded = self._with_weights(loaded, opts)
+        loaded, self.dtype = with_weights(loaded, self.family, opts, self.device)
         #: The torch model; ``None`` with ``backend="onnx"``, which never keeps the weights.
         self.model = loaded.model
         self.num_labels = loaded.num_labels
-        self.batch_tokens = opts.batch_tokens or self._default_batch_tokens(loaded.config)
-        self.max_length, self.query_max_length = pair_lengths(loaded.config, opts)
-        self.tokenizer = self._pair_tokenizer(loaded, opts)
+        self.batch_tokens = opts.batch_tokens or default_batch_tokens(
+            loaded.config, self.family, self.device
+        )
+        self.max_length, query_max_length = pair_lengths(loaded.config, opts)
+        self.tokenizer = pair_tokenizer(
+            loaded, self.family, opts, self.max_length, query_max_length
+        )
+        self.query_max_length = self.tokenizer.query_max_length
         self.long_docs.check_room(
             self.max_length - self.query_max_length - self.tokenizer.special_tokens_in_pair
         )
@@ -159,61 +148,6 @@ class Reranker(PeerCompat):
             weakref.WeakKeyDictionary()
         )
         self._observers = Observers()
-
-    def _with_weights(self, loaded: LoadedModel, opts: EngineOptions) -> LoadedModel:
-        """``loaded`` with its weights (torch backend) in the compute dtype, which for a
-        decoder family is bf16 on CUDA (see :func:`crossrank.backends.compute_dtype`), and
-        ``num_labels`` set from the family for a causal LM."""
-        family = self.family
-        if family is None and opts.instruction is not None:
-            raise OptionError("instruction", "instruction applies to decoder (LLM) rerankers only")
-        if family is not None and opts.backend != "torch":
-            raise OptionError("backend", f"{family.name} rerankers run with backend='torch'")
-        self.dtype = compute_dtype(opts, self.device, decoder=family is not None)
-        if family is not None and loaded.causal:
-            loaded = replace(loaded, num_labels=family.num_labels)
-        if opts.backend != "torch":
-            return loaded
-        model = load_weights(
-            loaded.source,
-            loaded.config,
-            device=self.device,
-            dtype=self.dtype,
-            hub=loaded.hub,
-            causal=loaded.causal,
-        )
-        return replace(loaded, model=model)
-
-    def _default_batch_tokens(self, config: Any) -> int:
-        """Tokens per pass on this device; for a decoder scaled by its width x depth against
-        the 1024-wide, 24-layer encoder the defaults were sized for (a decoder token also
-        costs a wider MLP: Qwen3-Reranker-0.6B 3072, 4B 9728)."""
-        base = _DEFAULT_BATCH_TOKENS.get(self.device.type, 8192)
-        if self.family is None:
-            return base
-        size = int(config.hidden_size) * int(config.num_hidden_layers)
-        return max(2048, min(base, base * 1024 * 24 // size))
-
-    def _pair_tokenizer(self, loaded: LoadedModel, opts: EngineOptions) -> PairTokenizer:
-        """The encoder's pair tokenizer, or a decoder family's prompt tokenizer."""
-        if self.family is None:
-            return PairTokenizer(
-                loaded.tokenizer,
-                max_length=self.max_length,
-                query_max_length=self.query_max_length,
-            )
-        prompt = PromptTokenizer(
-            loaded.tokenizer,
-            self.family,
-            max_length=self.max_length,
-            query_max_length=opts.query_max_length or 1,
-            instruction=opts.instruction,
-        )
-        if opts.query_max_length is None:
-            # the default, 3/4 of the room the template leaves (not of max_length)
-            room = self.max_length - prompt.special_tokens_in_pair
-            self.query_max_length = prompt.query_max_length = max(1, room * 3 // 4)
-        return prompt
 
     def __repr__(self) -> str:
         return (
@@ -557,16 +491,9 @@ class Reranker(PeerCompat):
                 str(self.max_length),
                 str(self.query_max_length),
                 self.long_docs.fingerprint(),
-                *self._prompt_fingerprint(),
+                *prompt_fingerprint(self.tokenizer),
             ]
         )
-
-    def _prompt_fingerprint(self) -> list[str]:
-        """A decoder family's name and instruction (they change every prompt)."""
-        tok = self.tokenizer
-        if not isinstance(tok, PromptTokenizer):
-            return []
-        return [tok.family.name, tok.instruction]
 
     def _ranked(
         self, docs: list[str], scored: DocScores, top_n: int | None, threshold: float | None

@@ -69,7 +69,7 @@ def test_chunk_mode_and_cache(tiny_qwen3_dir: Path, qwen3: Reranker):
 
 def test_instruction_is_in_the_cache_fingerprint(tiny_qwen3_dir: Path, qwen3: Reranker):
     other = Reranker(str(tiny_qwen3_dir), device="cpu", max_length=256, instruction="Other")
-    assert other._cache_fingerprint() != qwen3._cache_fingerprint()
+    assert other._cache_fingerprint({}) != qwen3._cache_fingerprint({})
 
 
 def test_instruction_is_refused_for_encoders(tiny_model_dir: Path):
