@@ -14,6 +14,7 @@ line, ``Reranker("/path/to/model")`` in Python): see :func:`set_local_model_hint
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -358,3 +359,17 @@ def _damaged_weights(source: str, err: Exception) -> str:
     return (
         f"the weights file {damaged!r} is damaged or truncated ({err}); copy or download it again"
     )
+
+
+def with_weights_on(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """``loaded`` (config and tokenizer) with its weights loaded on ``device`` in ``dtype``:
+    the same model again for another device, or the weights of a ``weights=False`` load."""
+    model = load_weights(
+        loaded.source,
+        loaded.config,
+        device=device,
+        dtype=dtype,
+        hub=loaded.hub,
+        causal=loaded.causal,
+    )
+    return dataclasses.replace(loaded, model=model)

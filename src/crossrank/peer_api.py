@@ -48,23 +48,8 @@ class _Engine(Protocol):
     options: EngineOptions
     model: Any
 
-    def score_pairs(
-        self,
-        pairs: Sequence[tuple[str, str]],
-        *,
-        normalize: bool | None = None,
-        show_progress: bool = False,
-    ) -> np.ndarray: ...
-
-    def score(
-        self,
-        query: str,
-        documents: Sequence[str],
-        *,
-        normalize: bool | None = None,
-        max_doc_tokens: int | None = None,
-        show_progress: bool = False,
-    ) -> np.ndarray: ...
+    score_pairs: Callable[..., np.ndarray]
+    score: Callable[..., np.ndarray]
 
 
 def _is_single_pair(inputs: Any) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from transformers import PreTrainedModel
@@ -24,7 +23,7 @@ from crossrank.backends.packed import PackedOptions, PackedRunner, unsupported_r
 from crossrank.backends.selfcheck import SelfCheck, checked_worker
 from crossrank.backends.workers import DeviceWorker
 from crossrank.errors import OptionError
-from crossrank.loading import LoadedModel, load_weights, resolve_device, resolve_dtype
+from crossrank.loading import LoadedModel, resolve_device, resolve_dtype, with_weights_on
 from crossrank.options import EngineOptions
 from crossrank.tokenization import PairTokenizer
 
@@ -149,15 +148,7 @@ def build_workers(
         here = loaded
         if k and loaded.model is not None:
             dtype = compute_dtype(options, device, decoder=isinstance(tokenizer, PromptTokenizer))
-            model = load_weights(
-                loaded.source,
-                loaded.config,
-                device=device,
-                dtype=dtype,
-                hub=loaded.hub,
-                causal=loaded.causal,
-            )
-            here = replace(loaded, model=model)
+            here = with_weights_on(loaded, device, dtype)
         runner = build_runner(here, device, tokenizer, options)
         workers.append(
             checked_worker(

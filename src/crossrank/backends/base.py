@@ -79,10 +79,12 @@ class TorchPaddedRunner(Runner):
         self.device = device
         self.pad_id = pad_id
 
-    def submit(self, encoded: EncodedPairs) -> Pending:
+    def inputs(self, encoded: EncodedPairs) -> dict[str, Any]:
+        """The right-padded model inputs of ``encoded`` on this runner's device."""
         tensors = encoded.padded(np.arange(len(encoded)), self.pad_id)
-        inputs: dict[str, Any] = {
-            k: torch.from_numpy(v).to(self.device) for k, v in tensors.items()
-        }
+        return {k: torch.from_numpy(v).to(self.device) for k, v in tensors.items()}
+
+    def submit(self, encoded: EncodedPairs) -> Pending:
+        inputs = self.inputs(encoded)
         with torch.inference_mode():
             return device_result(self.model(**inputs).logits)

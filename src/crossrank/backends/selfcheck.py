@@ -169,18 +169,12 @@ def verify(
     )
 
 
-class Fp32Rescue(Runner):
+class Fp32Rescue(TorchPaddedRunner):
     """The padded reference run in float32 on the model's device: the weights are cast for
     each pass and freed after it (see the module docstring for the trade-off)."""
 
-    def __init__(self, model: PreTrainedModel, device: torch.device, pad_id: int) -> None:
-        self.model = model
-        self.device = device
-        self.pad_id = pad_id
-
     def submit(self, encoded: EncodedPairs) -> Pending:
-        tensors = encoded.padded(np.arange(len(encoded)), self.pad_id)
-        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in tensors.items()}
+        inputs = self.inputs(encoded)
         named = [*self.model.named_parameters(), *self.model.named_buffers()]
         with torch.inference_mode():
             state = {k: v.float() if v.is_floating_point() else v for k, v in named}

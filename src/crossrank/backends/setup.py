@@ -17,7 +17,7 @@ import torch
 from crossrank.backends import compute_dtype
 from crossrank.backends.decoder import FAMILIES, DecoderFamily, PromptTokenizer
 from crossrank.errors import OptionError
-from crossrank.loading import LoadedModel, load_weights
+from crossrank.loading import LoadedModel, with_weights_on
 from crossrank.options import EngineOptions
 from crossrank.tokenization import PairTokenizer
 
@@ -44,15 +44,7 @@ def with_weights(
         loaded = replace(loaded, num_labels=family.num_labels)
     if opts.backend != "torch":
         return loaded, dtype
-    model = load_weights(
-        loaded.source,
-        loaded.config,
-        device=device,
-        dtype=dtype,
-        hub=loaded.hub,
-        causal=loaded.causal,
-    )
-    return replace(loaded, model=model), dtype
+    return with_weights_on(loaded, device, dtype), dtype
 
 
 def default_batch_tokens(config: Any, family: DecoderFamily | None, device: torch.device) -> int:
