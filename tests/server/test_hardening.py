@@ -180,22 +180,37 @@ def test_invisible_query_is_refused_like_an_empty_one(server, tiny_reranker, que
 
 
 # --------------------------------------------------------------------- fault 15: NaN scores
-class NaNReranker(Reranker):
-    """A real reranker whose forward passes yield NaN for pairs of documents saying 'nan'."""
+def nan_reranker(model_dir) -> Reranker:
+    """A real reranker whose forward passes yield NaN for pairs of documents saying 'nan'
+    (injected where every path's passes go: the device worker's ``submit``)."""
+    reranker = Reranker(str(model_dir), device="cpu")
+    worker = reranker._devices.workers[0]
+    submit = worker.submit
+    nan_id = reranker.tokenizer.tokenizer("nan", add_special_tokens=False)["input_ids"][0]
 
-    def forward(self, encoded):
-        scores = super().forward(encoded)
-        nan_id = self.tokenizer.tokenizer("nan", add_special_tokens=False)["input_ids"][0]
-        bad = [
-            nan_id in encoded.ids[start : start + n]
-            for start, n in zip(encoded.offsets, encoded.lengths, strict=True)
-        ]
-        scores[np.asarray(bad, dtype=bool)] = np.nan
-        return scores
+    def submit_with_nan(encoded):
+        pending = submit(encoded)
+        bad = np.asarray(
+            [
+                nan_id in encoded.ids[start : start + n]
+                for start, n in zip(encoded.offsets, encoded.lengths, strict=True)
+            ],
+            dtype=bool,
+        )
+
+        def result():
+            scores = np.array(pending(), dtype=np.float32)
+            scores[bad] = np.nan
+            return scores
+
+        return result
+
+    worker.submit = submit_with_nan
+    return reranker
 
 
 def test_non_finite_score_is_424_and_counted(tiny_model_dir):
-    reranker = NaNReranker(str(tiny_model_dir), device="cpu")
+    reranker = nan_reranker(tiny_model_dir)
     try:
         with BackgroundServer(create_app(reranker)) as srv:
             srv.wait_ready()
