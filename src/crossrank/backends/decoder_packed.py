@@ -48,6 +48,7 @@ from crossrank.backends.decoder import (
     decoder_body,
     decoder_head,
 )
+from crossrank.backends.packed import _flash_attn_varlen  # one probe of flash-attn
 from crossrank.tokenization import EncodedPairs
 
 logger = logging.getLogger(__name__)
@@ -255,17 +256,6 @@ def causal_varlen_attention(
         )
         out[qs:qe] = o.transpose(0, 1)
     return out
-
-
-def _find_flash_attn() -> Callable[..., Tensor] | None:
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except Exception:  # not installed, or built for another torch/CUDA
-        return None
-    return flash_attn_varlen_func
-
-
-_flash_attn_varlen = _find_flash_attn()
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
