@@ -8,7 +8,9 @@ plain-transformers variant (length-sorted batches of 64, ``logits_to_keep=1``),
 sentence-transformers ``CrossEncoder`` on a seq-cls conversion of the same weights, and, for
 the gemma shape, FlagEmbedding's ``FlagLLMReranker`` (skipped, saying why, when absent).
 Reports bulk pairs/s, 1x50 p50/p99 ms and MFU over the tokens each system computes, as a
-markdown table. The Qwen tokenizer is built from dashscope's ``qwen.tiktoken``; on a machine
+markdown table, and for crossrank the largest raw-score difference to the float32 padded
+reference runner (one bulk call and four 1xN calls: eager passes and graph replays) beside that
+of the padded runner in the benchmark dtype: the fast path's correctness check on the GPU. The Qwen tokenizer is built from dashscope's ``qwen.tiktoken``; on a machine
 without dashscope pass a prebuilt one with ``--tokenizer-dir`` (``build_qwen_tokenizer``).
 
 Run: ``python benchmarks/gpu_llm.py --shared /path/shared --tokenizer-dir qwen-tokenizer``
@@ -113,6 +115,10 @@ class LlmBench:
         self.repeats = 1 if args.quick else 3
         self.peak = measure_peak(self.device)
         self.rows: list[Row] = []
+        self.out = args.out
+        self.parity_sets: list[Pairs] = []
+        self.ref32: Any = None
+        self.padded_diff = float("nan")
 
     # ------------------------------------------------------------------ measuring
     def measure(self, name: str, score: Callable[[Pairs], Any], tokens: Callable[[], int]) -> Row:
@@ -141,6 +147,46 @@ class LlmBench:
             row.mfu = linear_flops_per_token(config) * row.extra["tokens"] / seconds / self.peak
 
     # ------------------------------------------------------------------- systems
+    def guarded(self, name: str, fn: Callable[[], Any]) -> None:
+        """Run one system; a failure becomes a row saying why, and the next system runs."""
+        try:
+            fn()
+        except Exception as err:
+            log.exception("%s failed", name)
+            self.rows.append(Row(name, note=f"failed: {type(err).__name__}: {str(err)[:160]}"))
+        free(self.device)
+        self.write()
+
+    def write(self) -> None:
+        """The table so far, to ``--out`` (a run stopped at its time limit keeps its rows)."""
+        if self.out:
+            Path(self.out).write_text(self.table() + "\n", encoding="utf-8")
+
+    def references(self, model_dir: Path) -> None:
+        """Raw scores (``normalize=False``) of the padded reference runner in float32 and in
+        the benchmark dtype, on one bulk call and on 1xN calls: what the fast path's
+        agreement is judged against (in the row's note)."""
+        self.parity_sets = [self.bulk[:200]] + [
+            [(q, d) for d in docs[: self.work.per_query]]
+            for q, docs in list(zip(self.work.queries, self.work.candidates, strict=True))[:4]
+        ]
+        self.ref32 = self.raw_scores(model_dir, torch.float32, False)
+        padded = self.raw_scores(model_dir, self.dtype, False)
+        self.padded_diff = float(np.max(np.abs(padded - self.ref32)))
+
+    def raw_scores(self, model_dir: Path, dtype: torch.dtype, fast_path: bool | None) -> Any:
+        engine = Reranker(str(model_dir), device=str(self.device), dtype=dtype, fast_path=fast_path)
+        try:
+            return self.parity_scores(engine)
+        finally:
+            engine.close()
+            free(self.device)
+
+    def parity_scores(self, engine: Reranker) -> Any:
+        return np.concatenate(
+            [engine.score_pairs(p, normalize=False).ravel() for p in self.parity_sets]
+        ).astype(np.float64)
+
     def crossrank(self, model_dir: Path, label: str, share_prefix: bool = True) -> Row:
         engine = Reranker(str(model_dir), device=str(self.device), dtype=self.dtype)
         runner = engine.runner
@@ -163,8 +209,13 @@ class LlmBench:
             return encoded.total_tokens
 
         suffix = "" if share_prefix else ", no shared prefix"
-        row = self.measure(
-            f"crossrank {label} ({runner.__class__.__name__}{suffix})", score, tokens
+        name = f"crossrank {label} ({runner.__class__.__name__}{suffix})"
+        diff = float(np.max(np.abs(self.parity_scores(engine) - self.ref32)))
+        row = self.measure(name, score, tokens)
+        row.max_diff = diff
+        row.note = (
+            f"max raw-score diff to the fp32 padded reference {diff:.3g} "
+            f"(padded {str(self.dtype).removeprefix('torch.')}: {self.padded_diff:.3g})"
         )
         self.mfu(row, engine.model.config if engine.model is not None else None)
         engine.close()
@@ -282,6 +333,27 @@ class LlmBench:
 
         self.measure("FlagEmbedding FlagLLMReranker gemma", score, lambda: 0)
 
+    def shape(self, kind: str, model_dir: Path, root: Path, args: argparse.Namespace) -> None:
+        """Every system on one model shape; the peers only for shapes named in ``--peers``."""
+        label = kind if not args.quick else f"{kind} (tiny)"
+        self.guarded(f"padded references {label}", lambda: self.references(model_dir))
+        self.guarded(f"crossrank {label}", lambda: self.crossrank(model_dir, label))
+        if self.device.type == "cuda":
+            self.guarded(
+                f"crossrank {label}, no shared prefix",
+                lambda: self.crossrank(model_dir, label, share_prefix=False),
+            )
+        if kind not in args.peers.split(","):
+            return
+        if kind == "gemma":
+            self.guarded("FlagLLMReranker", lambda: self.flag_row(model_dir))
+            return
+        self.guarded("transformers", lambda: self.transformers_rows(model_dir, label))
+        self.guarded(
+            "sentence-transformers",
+            lambda: self.sentence_transformers_row(model_dir, label, root),
+        )
+
     # ---------------------------------------------------------------------- table
     def table(self) -> str:
         lines = [
@@ -306,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", help="folder with data/xquad-r (default ../shared)")
     parser.add_argument("--tokenizer-dir", help="a prebuilt Qwen tokenizer (else from dashscope)")
     parser.add_argument("--shapes", default="0.6b,gemma", help="of 0.6b, 4b, gemma")
+    parser.add_argument(
+        "--peers", default="0.6b,gemma", help="shapes that also get the peers' rows"
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true", help="tiny models on CPU, seconds")
     parser.add_argument("--out", help="also write the table here")
@@ -319,20 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.tokenizer_dir) if args.tokenizer_dir else build_qwen_tokenizer(root / "qwen")
         )
         for kind in args.shapes.split(","):
-            model_dir = build_model(kind, tokenizer_dir, root, args.quick)
-            label = kind if not args.quick else f"{kind} (tiny)"
-            bench.crossrank(model_dir, label)
-            if bench.device.type == "cuda":
-                bench.crossrank(model_dir, label, share_prefix=False)
-            if kind == "gemma":
-                bench.flag_row(model_dir)
-                continue
-            bench.transformers_rows(model_dir, label)
-            bench.sentence_transformers_row(model_dir, label, root)
-    table = bench.table()
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
+            bench.shape(kind, build_model(kind, tokenizer_dir, root, args.quick), root, args)
+    print(bench.table())
     if args.json:
         rows = [{**r.__dict__} for r in bench.rows]
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1, default=str))

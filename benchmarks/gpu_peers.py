@@ -425,6 +425,8 @@ class Bench:
                 f"crossrank ({fp}, fast path)", self._scorer(self.crossrank(model, fp, fast_on))
             ),
         )
+        if self.args.crossrank_only:
+            return
         main_only = self.args.main_only
         if not main_only:
             self.guarded(
@@ -965,6 +967,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="crossrank (fast path), FlagReranker and CrossEncoder batch 128 only: no padded "
         "engine row, model-only rows or ablation (for comparing environments in one lease)",
+    )
+    parser.add_argument(
+        "--crossrank-only",
+        action="store_true",
+        help="the crossrank fast-path row only (settings compared where the peers were "
+        "already measured)",
     )
     parser.add_argument(
         "--workload",

@@ -1,6 +1,7 @@
 """Scores and token ids are the same whether the Rust tokenizer's own parallelism is on or
-off (``TOKENIZERS_PARALLELISM``), since crossrank splits large calls over its own threads;
-and crossrank never changes that environment variable."""
+off (``TOKENIZERS_PARALLELISM``), since crossrank splits large calls over its own threads
+where the tokenizer does not parallelize (and only there); and crossrank never changes that
+environment variable."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from crossrank.tokenization import rust_parallelism, split_call
 
 pytestmark = pytest.mark.timeout(900)  # two fresh interpreters load torch and the model
 
@@ -59,3 +62,46 @@ def test_scores_and_ids_do_not_depend_on_the_tokenizers_parallelism(
     assert len(on["scores"]) == len(docs)
     assert on["env"] == ["true", "true"] and off["env"] == ["false", "false"]  # left alone
     assert on["threads"] >= 1
+
+
+def chunks_of_a_call(n: int) -> list[tuple[int, int]]:
+    seen: list[tuple[int, int]] = []
+    split_call(lambda lo, hi: seen.append((lo, hi)), n)
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("setting", ["false", "0", "OFF", ""])
+def test_calls_are_split_over_own_threads_when_the_tokenizer_does_not_parallelize(
+    monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", setting)
+    monkeypatch.setattr("crossrank.tokenization.tokenizer_threads", lambda: 4)
+    assert not rust_parallelism()
+    assert chunks_of_a_call(50) == [(0, 12), (12, 25), (25, 37), (37, 50)]
+
+
+@pytest.mark.parametrize("setting", [None, "true", "1"])
+def test_a_call_goes_whole_to_the_tokenizer_when_it_parallelizes_itself(
+    monkeypatch: pytest.MonkeyPatch, setting: str | None
+) -> None:
+    if setting is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", setting)
+    monkeypatch.setattr("crossrank.tokenization.tokenizer_threads", lambda: 4)
+    assert rust_parallelism()
+    assert chunks_of_a_call(50) == [(0, 50)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_splits_over_its_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the tokenizer may have turned its parallelism off
+        os.write(write, b"off" if not rust_parallelism() else b"on")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 8) == b"off"
+    assert rust_parallelism()  # the parent is unchanged
