@@ -58,8 +58,8 @@ class CrossRankCompressor(RankingConfig, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> list[Document]:
         """Rerank ``documents`` for ``query``; ``callbacks`` are accepted and unused."""
-        docs = check_items(documents, Document, "documents")
-        return self._to_documents(docs, self.rank(query, [d.page_content for d in docs]))
+        docs, texts = _checked_texts(documents)
+        return self._to_documents(docs, self.rank(query, texts))
 
     async def acompress_documents(
         self,
@@ -68,8 +68,8 @@ class CrossRankCompressor(RankingConfig, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> list[Document]:
         """Async :meth:`compress_documents`, sharing forward passes with concurrent calls."""
-        docs = check_items(documents, Document, "documents")
-        return self._to_documents(docs, await self.arank(query, [d.page_content for d in docs]))
+        docs, texts = _checked_texts(documents)
+        return self._to_documents(docs, await self.arank(query, texts))
 
     def _to_documents(self, docs: list[Document], results: list[RerankResult]) -> list[Document]:
         out = []
@@ -78,6 +78,13 @@ class CrossRankCompressor(RankingConfig, BaseDocumentCompressor):
             doc.metadata.update({**span_metadata(r), self.score_key: r.score})
             out.append(doc)
         return out
+
+
+def _checked_texts(documents: Sequence[Document]) -> tuple[list[Document], list[str]]:
+    """``documents`` as a list (a ``TypeError`` names an item that is not a ``Document``)
+    and their texts."""
+    docs = check_items(documents, Document, "documents")
+    return docs, [d.page_content for d in docs]
 
 
 class CrossRankCrossEncoder(EngineConfig, BaseCrossEncoder):

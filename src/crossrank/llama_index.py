@@ -11,11 +11,13 @@ defaults, so swapping the import line is the whole migration. Install with
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from crossrank.errors import require_extra
 
 require_extra("llama_index.core", "llama-index", feature="crossrank.llama_index")
-
-from typing import Any  # noqa: E402
 
 from llama_index.core.bridge.pydantic import ConfigDict, Field  # noqa: E402
 from llama_index.core.callbacks import CBEventType, EventPayload  # noqa: E402
@@ -69,22 +71,27 @@ class CrossRankRerank(RankingConfig, BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
-        items, query = self._start(nodes, query_bundle)
-        with self.callback_manager.event(
-            CBEventType.RERANKING, payload=self._payload(items, query)
-        ) as event:
-            results = self.rank(query, self._texts(items))
-            return self._end(items, results, event)
+        with self._reranking(nodes, query_bundle) as (query, texts, finish):
+            return finish(self.rank(query, texts))
 
     async def _apostprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
+        with self._reranking(nodes, query_bundle) as (query, texts, finish):
+            return finish(await self.arank(query, texts))
+
+    @contextmanager
+    def _reranking(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
+    ) -> Iterator[tuple[str, list[str], Callable[[list[RerankResult]], list[NodeWithScore]]]]:
+        """One reranking, sync or async alike: checks the input and emits the start events,
+        gives the query and texts to rank, and ``finish``, which turns the engine's results
+        into the output nodes and emits the end events; inside the legacy callback event."""
         items, query = self._start(nodes, query_bundle)
         with self.callback_manager.event(
             CBEventType.RERANKING, payload=self._payload(items, query)
         ) as event:
-            results = await self.arank(query, self._texts(items))
-            return self._end(items, results, event)
+            yield query, self._texts(items), lambda results: self._end(items, results, event)
 
     def _start(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None

@@ -571,11 +571,7 @@ class PairTokenizer:
         queries = scrub_surrogates(queries)
         documents = list(documents)  # surrogates are scrubbed after the cut
         if not documents:
-            empty = EncodedPairs.concat([])
-            return EncodedPairs(
-                empty.ids, empty.offsets, empty.lengths, None, np.zeros(0, np.int64),
-                np.zeros((0, 2), np.int64),
-            )  # fmt: skip
+            return no_windows()
         capped, _ = self._capped(queries)
         distinct = list(dict.fromkeys(capped))
         counted = self._encode_texts(distinct, None, offsets=False)
@@ -587,14 +583,10 @@ class PairTokenizer:
         def chunk(lo: int, hi: int) -> EncodedPairs:
             layouts: dict[tuple[int, int], list[int]] = {}
             for i in range(lo, hi):
-                room = self.max_length - fixed[capped[i]]
-                if window_tokens is not None:
-                    room = min(room, window_tokens)
-                stride = room // 8 if overlap is None else overlap
-                # Rust panics unless stride < room; engine settings guarantee it, this keeps
-                # it true even if a capped query re-tokenizes a token longer.
-                layout = (fixed[capped[i]] + room, max(0, min(stride, room - 1)))
-                layouts.setdefault(layout, []).append(i)
+                room, stride = window_layout(
+                    self.max_length - fixed[capped[i]], window_tokens, overlap
+                )
+                layouts.setdefault((fixed[capped[i]] + room, stride), []).append(i)
             parts = [
                 self._windows(layout, members, capped, documents, fixed, max_windows)
                 for layout, members in layouts.items()
@@ -623,7 +615,7 @@ class PairTokenizer:
         needs: list[int | None] = []
         for i in members:
             room = max_length - fixed[queries[i]]
-            covered = None if max_windows is None else (max_windows - 1) * (room - stride) + room
+            covered = None if max_windows is None else windows_cover(room, stride, max_windows)
             needs.append(covered if self._cuts else None)
         docs = [documents[i] for i in members]
         encodings = encode_cut(docs, needs, encode, lambda _, e: document_tokens(e, stride))
@@ -647,6 +639,33 @@ class PairTokenizer:
         total = int(lengths.sum())
         flat_types = _flatten(type_ids, total) if type_ids is not None else None
         return EncodedPairs(_flatten(input_ids, total), offsets, lengths, flat_types)
+
+
+def no_windows() -> EncodedPairs:
+    """What windowing no pairs gives: no rows, with (empty) ``pair_index`` and ``spans``."""
+    none = np.zeros(0, np.int64)
+    return EncodedPairs(none, none, none, None, none, np.zeros((0, 2), np.int64))
+
+
+def window_layout(room: int, window_tokens: int | None, overlap: int | None) -> tuple[int, int]:
+    """``(window, stride)`` for a pair that leaves ``room`` document tokens: a window holds up
+    to ``window_tokens`` of them (``None``: all the room) and starts ``overlap`` tokens
+    (``None``: an eighth of the window) before the previous one ends.
+
+    The stride is kept below the window (the Rust tokenizer panics unless stride < window);
+    engine settings guarantee it, this keeps it true even if a capped query re-tokenizes a
+    token longer.
+    """
+    if window_tokens is not None:
+        room = min(room, window_tokens)
+    stride = room // 8 if overlap is None else overlap
+    return room, max(0, min(stride, room - 1))
+
+
+def windows_cover(window: int, stride: int, max_windows: int) -> int:
+    """Document tokens the first ``max_windows`` windows of a ``(window, stride)`` layout
+    cover (what a document is cut to before tokenizing)."""
+    return (max_windows - 1) * (window - stride) + window
 
 
 def _fast_encode(backend: Tokenizer) -> Any:

@@ -44,7 +44,14 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from crossrank.backends.base import Pending, Runner, device_result
 from crossrank.errors import ModelLoadError, OptionError
-from crossrank.tokenization import EncodedPairs, PairTokenizer, split_call
+from crossrank.tokenization import (
+    EncodedPairs,
+    PairTokenizer,
+    no_windows,
+    split_call,
+    window_layout,
+    windows_cover,
+)
 from crossrank.validation import scrub_surrogates
 
 logger = logging.getLogger(__name__)
@@ -304,23 +311,14 @@ class PromptTokenizer(PairTokenizer):
         queries = scrub_surrogates(queries)
         documents = list(documents)
         if not documents:
-            empty = EncodedPairs.concat([])
-            return replace(
-                empty, pair_index=np.zeros(0, np.int64), spans=np.zeros((0, 2), np.int64)
-            )
+            return no_windows()
         instruction = self.instruction if instruction is None else instruction
         capped = self._capped(queries)[0]
         fixed = [len(r) for r in self._rows(capped, [""] * len(capped), instruction)]
-        layouts = []
-        for length in fixed:
-            room = self.max_length - length
-            if window_tokens is not None:
-                room = min(room, window_tokens)
-            stride = room // 8 if overlap is None else overlap
-            layouts.append((room, max(0, min(stride, room - 1))))
+        layouts = [window_layout(self.max_length - f, window_tokens, overlap) for f in fixed]
         need = None
         if max_windows is not None:
-            need = max((max_windows - 1) * (room - s) + room for room, s in layouts)
+            need = max(windows_cover(room, stride, max_windows) for room, stride in layouts)
 
         def chunk(lo: int, hi: int) -> EncodedPairs:
             docs = scrub_surrogates(documents[lo:hi])

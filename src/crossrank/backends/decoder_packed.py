@@ -28,7 +28,6 @@ bf16 path is, with and without the shared prefix. Speed is measured in ``benchma
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -48,7 +47,7 @@ from crossrank.backends.decoder import (
     decoder_body,
     decoder_head,
 )
-from crossrank.backends.packed import _flash_attn_varlen  # one probe of flash-attn
+from crossrank.backends.packed import capture_cuda_graph, varlen_attention
 from crossrank.tokenization import EncodedPairs
 
 logger = logging.getLogger(__name__)
@@ -237,54 +236,6 @@ def pack_with_prefix(encoded: EncodedPairs, prefix: int) -> PrefixBatch:
 
 
 # ---------------------------------------------------------------------------- device side
-def causal_varlen_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_q: Tensor,
-    cu_k: Tensor,
-    max_q: int,
-    max_k: int,
-    scale: float,
-    cu_host: tuple[list[int], list[int]] | None = None,
-) -> Tensor:
-    """Causal attention per sequence of a packed stream, aligned bottom-right (query ``j`` of
-    a sequence with ``a`` queries and ``b`` keys sees keys ``0 .. j + b - a``): a pair's
-    queries follow the shared prefix. q is ``[tokens, heads, dim]``, k/v ``[keys, kv_heads,
-    dim]``. CUDA: flash attention (the flash-attn package, else PyTorch's flash kernel);
-    elsewhere: SDPA per sequence from the host copies in ``cu_host``."""
-    if q.is_cuda:
-        if _flash_attn_varlen is not None:
-            return _flash_attn_varlen(
-                q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True
-            )
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
-        )
-        return out[0]
-    if cu_host is None:
-        cu_host = (cu_q.tolist(), cu_k.tolist())
-    starts_q, starts_k = cu_host
-    groups = q.shape[1] // k.shape[1]
-    out = q.new_zeros(q.shape)
-    for i in range(len(starts_q) - 1):
-        qs, qe, ks, ke = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
-        if qe == qs:
-            continue
-        a, b = qe - qs, ke - ks
-        mask = torch.ones(a, b, dtype=torch.bool, device=q.device).tril(b - a)
-        keys = k[ks:ke].repeat_interleave(groups, dim=1).transpose(0, 1)
-        values = v[ks:ke].repeat_interleave(groups, dim=1).transpose(0, 1)
-        o = F.scaled_dot_product_attention(
-            q[qs:qe].transpose(0, 1), keys, values, attn_mask=mask, scale=scale
-        )
-        out[qs:qe] = o.transpose(0, 1)
-    return out
-
-
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE on ``[tokens, heads, dim]`` (the rotate-half convention of Llama/Qwen/Gemma)."""
     half = x.shape[-1] // 2
@@ -480,19 +431,12 @@ class DecoderPackedRunner(Runner):
 
     def _capture(self, batch: PrefixBatch, key: tuple[int, int, int, int, int]) -> _Graph:
         db = self._upload(batch, key)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._forward(db)  # warm-up: cuBLAS handles, workspaces
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        gc.collect()  # no CUDA-calling deleters while capturing
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(
-            cuda_graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"
-        ):
-            logits = self._forward(db)
+        logits = capture_cuda_graph(
+            cuda_graph, lambda: self._forward(db), self.device, self._graph_pool
+        )
         graph = _Graph(cuda_graph, _tensors(db), logits)
         self._graphs[key] = graph
         self.stats.graphs_captured += 1
@@ -520,8 +464,8 @@ class DecoderPackedRunner(Runner):
                 q, x = q.index_select(0, db.last), x.index_select(0, db.last)
                 cu_q, max_q = db.cu_last, 1
                 host = None if host is None else (db.cu_last.tolist(), host[1])
-            a = causal_varlen_attention(
-                q, k, v, cu_q, db.cu_k, max_q, db.max_k, layer.scale, host
+            a = varlen_attention(
+                q, k, v, cu_q, db.cu_k, max_q, db.max_k, layer.scale, host, causal=True
             ).reshape(q.shape[0], -1)
             x = _add_linear(x, a, layer.out_w, layer.out_b)
             gate, up = F.linear(layer.post_norm(x), layer.gate_up_w).chunk(2, dim=-1)

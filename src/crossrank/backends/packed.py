@@ -260,35 +260,64 @@ def varlen_attention(
     max_k: int,
     scale: float,
     cu_host: tuple[list[int], list[int]] | None = None,
+    *,
+    causal: bool = False,
 ) -> Tensor:
-    """Attention within each sequence of a packed stream; q/k/v are ``[tokens, heads, dim]``.
+    """Attention within each sequence of a packed stream; q is ``[tokens, heads, dim]``, k/v
+    ``[keys, kv_heads, dim]`` (grouped-query attention when ``kv_heads < heads``).
 
+    ``causal``: aligned bottom-right, query ``j`` of a sequence with ``a`` queries and ``b``
+    keys sees keys ``0 .. j + b - a`` (so queries that follow a shared prefix see all of it).
     CUDA: flash attention over cumulative sequence lengths (``flash_attn_varlen_func`` when the
     flash-attn package is installed, else PyTorch's built-in flash kernel). Elsewhere (tests):
     scaled-dot-product attention per sequence, from the host copies in ``cu_host``.
     """
     if q.is_cuda:
         if _flash_attn_varlen is not None:
-            return _flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale)
+            return _flash_attn_varlen(
+                q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal
+            )
+        k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
         flash = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
         )
         return flash[0]
     if cu_host is None:
         cu_host = (cu_q.tolist(), cu_k.tolist())
+    return _attention_per_sequence(q, k, v, cu_host, scale, causal)
+
+
+def _repeat_kv(k: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Keys and values repeated ``groups`` times along the heads (grouped-query attention)."""
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def _attention_per_sequence(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_host: tuple[list[int], list[int]],
+    scale: float,
+    causal: bool,
+) -> Tensor:
+    """The CPU form of :func:`varlen_attention`: SDPA per sequence."""
     starts_q, starts_k = cu_host
-    out = q.new_empty(q.shape)
+    groups = q.shape[1] // k.shape[1]
+    out = q.new_zeros(q.shape)  # a sequence without keys gets zeros, as flash attention writes
     for i in range(len(starts_q) - 1):
         qs, qe, ks, ke = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
-        if qe == qs:
+        if qe == qs or ke == ks:
             continue
-        if ke == ks:  # no keys: zeros, as flash attention writes
-            out[qs:qe] = 0
-            continue
+        a, b = qe - qs, ke - ks
+        mask = torch.ones(a, b, dtype=torch.bool, device=q.device).tril(b - a) if causal else None
+        keys, values = _repeat_kv(k[ks:ke], v[ks:ke], groups)
         o = F.scaled_dot_product_attention(
             q[qs:qe].transpose(0, 1),
-            k[ks:ke].transpose(0, 1),
-            v[ks:ke].transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=mask,
             scale=scale,
         )
         out[qs:qe] = o.transpose(0, 1)
@@ -326,6 +355,29 @@ class _Graph:
     logits: Tensor  # the graph's output
     tokens: int
     slots: int
+
+
+def capture_cuda_graph(
+    graph: torch.cuda.CUDAGraph, forward: Callable[[], Tensor], device: torch.device, pool: Any
+) -> Tensor:
+    """Capture ``forward`` (a pass over fixed input buffers) into ``graph``, allocating from the
+    memory ``pool``; returns the graph's output tensor, rewritten by each replay."""
+    # warm-up (cuBLAS handles, workspaces) and capture on a stream of ``device``:
+    # torch.cuda.graph's default capture stream is one per process, made on whichever
+    # device was current at the first capture, so a second GPU's capture would land on it
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    # free garbage now: a deleter that calls into CUDA (pinned host memory, events) must
+    # not run while the stream is capturing
+    gc.collect()
+    # thread-local capture: other threads (other devices' replicas, other engines) keep
+    # using CUDA while this one captures
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        output = forward()
+    return output
 
 
 @dataclass
@@ -513,25 +565,11 @@ class PackedRunner(Runner):
         graph = _Graph(torch.cuda.CUDAGraph(), inputs, inputs, bucket, slots)
         self._fill(graph, batch)
         db = self._graph_views(inputs, bucket, slots, length)
-        # warm-up (cuBLAS handles, workspaces) and capture on a stream of this runner's device:
-        # torch.cuda.graph's default capture stream is one per process, made on whichever
-        # device was current at the first capture, so a second GPU's capture would land on it
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._forward(db)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        # free garbage now: a deleter that calls into CUDA (pinned host memory, events) must
-        # not run while the stream is capturing
-        gc.collect()
-        # thread-local capture: other threads (other devices' replicas, other engines) keep
-        # using CUDA while this one captures
-        with torch.cuda.graph(
-            graph.graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"
-        ):
-            graph.logits = self._forward(db)
+        graph.logits = capture_cuda_graph(
+            graph.graph, lambda: self._forward(db), self.device, self._graph_pool
+        )
         self._graphs[key] = graph
         self.stats.graphs_captured += 1
         logger.debug("captured a CUDA graph for (tokens, slots, max_len)=%s", key)
