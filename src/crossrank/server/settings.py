@@ -106,9 +106,7 @@ class ServerSettings:
         _positive_seconds(),
     )
     timeout_keep_alive: float = option(
-        5.0,
-        "Seconds an idle keep-alive connection stays open between requests (uvicorn's own).",
-        _positive_seconds(),
+        5.0, "Seconds an idle keep-alive connection stays open.", _positive_seconds()
     )
     limit_concurrency: int = option(
         1024,
