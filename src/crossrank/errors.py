@@ -9,7 +9,7 @@ plain ``TypeError``/``ValueError`` naming the item, as Python's own functions do
 Hierarchy::
 
     CrossrankError
-    ├── OptionError (ValueError)         a bad engine option; .param names it
+    ├── OptionError (ValueError)         a bad engine option or server setting; .param names it
     │   └── OptionTypeError (TypeError)  ... of the wrong type
     ├── ModelLoadError (RuntimeError)    a model or tokenizer cannot be loaded
     ├── QueueFullError (RuntimeError)    the micro-batching queue is full (a server's 429)
@@ -28,8 +28,9 @@ class CrossrankError(Exception):
 
 
 class OptionError(CrossrankError, ValueError):
-    """A bad engine option. ``param`` is the option's name (``"chunk_overlap"``), so a
-    command line or a config schema can name its own flag or field without parsing text."""
+    """A bad engine option or server setting. ``param`` is its name (``"chunk_overlap"``),
+    so a command line or a config schema can name its own flag or field without parsing
+    text."""
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)

@@ -12,6 +12,10 @@ refused as a length by another). Now :class:`EngineOptions` is the single declar
 * a bad value raises :class:`~crossrank.errors.OptionError` whose ``param`` names the
   option, so each front door can name its own flag or field without parsing a message.
 
+:func:`option`, :func:`check_fields` and :func:`option_fields` are not tied to the engine:
+the server's :class:`~crossrank.server.settings.ServerSettings` is declared with them too,
+and ``crossrank serve`` generates its server flags from it the same way.
+
 The module imports neither torch nor transformers: a command line can check its options
 before anything heavy is loaded. Checks that need the model or tokenizer (``max_length``
 against the model's positions, ``chunk_overlap`` against the room a query leaves) happen at
@@ -23,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from crossrank.errors import OptionError, OptionTypeError
 
@@ -52,7 +56,9 @@ def is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _positive_int(minimum: int = 1, *, optional: bool = False) -> Callable[[str, Any], None]:
+def positive_int(minimum: int = 1, *, optional: bool = False) -> Callable[[str, Any], None]:
+    """The check of an int option of at least ``minimum`` (``None`` allowed if ``optional``)."""
+
     def check(name: str, value: Any) -> None:
         if optional and value is None:
             return
@@ -144,11 +150,21 @@ def option(
     object, e.g. a ``Cache`` instance or ``PackedOptions``, or only makes sense in code);
     ``secret=True`` marks a value that may hold a password (never echoed in errors or logs);
     ``envvar`` names the environment variable a front door reads when the flag is not given.
+    A secret is also left out of the generated ``repr``.
     """
     return field(
         default=default,
+        repr=not secret,
         metadata={"help": help, "check": check, "flag": flag, "secret": secret, "envvar": envvar},
     )
+
+
+def check_fields(declared: Any) -> None:
+    """Run the check of every field of a dataclass declared with :func:`option`."""
+    for spec in dataclasses.fields(declared):
+        check = spec.metadata.get("check")
+        if check is not None:
+            check(spec.name, getattr(declared, spec.name))
 
 
 # ----------------------------------------------------------------------------- the options
@@ -173,11 +189,11 @@ class EngineOptions:
         "'float16', 'bfloat16', or a torch.dtype.",
         _dtype,
     )
-    max_length: int = option(512, "Most tokens per (query, document) pair.", _positive_int(8))
+    max_length: int = option(512, "Most tokens per (query, document) pair.", positive_int(8))
     query_max_length: int | None = option(
         None,
         "Most query tokens; a longer query is cut (default: 3/4 of max_length, as FlagEmbedding).",
-        _positive_int(optional=True),
+        positive_int(optional=True),
     )
     normalize: bool = option(
         True,
@@ -187,7 +203,7 @@ class EngineOptions:
     batch_tokens: int | None = option(
         None,
         "Tokens per forward pass, padding included (default: 8192 on CPU, 65536 on CUDA).",
-        _positive_int(optional=True),
+        positive_int(optional=True),
     )
     long_docs: str = option(
         "truncate",
@@ -198,7 +214,7 @@ class EngineOptions:
     chunk_tokens: int | None = option(
         None,
         "With chunk: document tokens per window (default: all the room after the query).",
-        _positive_int(optional=True),
+        positive_int(optional=True),
     )
     chunk_overlap: int | None = option(
         None,
@@ -214,7 +230,7 @@ class EngineOptions:
         64,
         "With chunk: most windows scored per document; a longer document is scored on its "
         "first max_windows windows (and only that much of its text is tokenized).",
-        _positive_int(),
+        positive_int(),
     )
     family: str | None = option(
         None,
@@ -264,7 +280,7 @@ class EngineOptions:
     split_tokens: int = option(
         16384,
         "With several devices: calls of at least this many tokens are split across them.",
-        _positive_int(),
+        positive_int(),
     )
     overlap_min_pairs: int = option(
         32,
@@ -272,19 +288,19 @@ class EngineOptions:
         "by chunk while the GPU scores the chunks already queued (on one H200 a 1x50 call "
         "split 12 + 38 took 14.9-15.0 ms p50 against 15.2-15.4 ms in one pass; smaller calls "
         "gain nothing: benchmarks/gpu_peers.py).",
-        _positive_int(),
+        positive_int(),
         flag=False,
     )
     overlap_first_chunk: int = option(
         12,
         "With overlap: pairs in the first chunk (tokenized before the GPU has work, so small).",
-        _positive_int(),
+        positive_int(),
         flag=False,
     )
     overlap_chunk_pairs: int = option(
         256,
         "With overlap: the most pairs in one later chunk (chunks grow 4-fold up to it).",
-        _positive_int(),
+        positive_int(),
         flag=False,
     )
     revision: str | None = option(
@@ -303,10 +319,7 @@ class EngineOptions:
     )
 
     def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            check = spec.metadata.get("check")
-            if check is not None:
-                check(spec.name, getattr(self, spec.name))
+        check_fields(self)
         if self.quantize and self.backend != "onnx":
             raise OptionError(
                 "quantize", "quantize=True needs backend='onnx' (dynamic int8 via ONNX Runtime)"
@@ -382,19 +395,24 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
 }
 
 
-def option_fields(*, flags_only: bool = True) -> Iterator[OptionField]:
-    """The declared options in order, for generating front doors (``flags_only`` skips the
-    ones that take Python objects)."""
-    hints = get_type_hints(EngineOptions)
-    for spec in dataclasses.fields(EngineOptions):
+def option_fields(
+    declaration: type = EngineOptions, *, flags_only: bool = True
+) -> Iterator[OptionField]:
+    """The options of ``declaration`` (a dataclass whose fields are declared with
+    :func:`option`: the engine's, or the server's settings) in order, for generating front
+    doors; ``flags_only`` skips the ones that take Python objects or have no flag."""
+    hints = get_type_hints(declaration)
+    for spec in dataclasses.fields(declaration):
         if flags_only and not spec.metadata["flag"]:
             continue
-        choices = _CHOICES.get(spec.name)
+        choices = _CHOICES.get(spec.name) if declaration is EngineOptions else None
         annotation = hints[spec.name]
         if choices is not None:
             annotation = Literal[choices]
         elif annotation is Any:  # a device, dtype or cache: its name on a command line
             annotation = str if isinstance(spec.default, str) else str | None
+        elif get_origin(annotation) is tuple:  # several values: a repeatable flag
+            annotation = list[get_args(annotation)[0]]  # type: ignore[misc]
         yield OptionField(
             spec.name,
             spec.default,

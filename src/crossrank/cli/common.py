@@ -1,4 +1,4 @@
-"""What the commands share: the ``--model`` option and every engine option as a flag.
+"""What the commands share: the ``--model`` option, and flags generated from a declaration.
 
 The engine flags are generated from :func:`crossrank.options.option_fields` (name, help,
 default, choices, environment variable) instead of being declared again here, so a new
@@ -9,6 +9,10 @@ typer option per engine option to the command's signature and hands the command 
 checked :class:`~crossrank.options.EngineOptions`. A bad value is a usage error (exit 2)
 naming its flag, found from :attr:`OptionError.param <crossrank.errors.OptionError>`.
 
+The same machinery (:class:`FlagGroup`, :func:`flags_command`) generates ``serve``'s server
+flags from :class:`~crossrank.server.settings.ServerSettings`: any dataclass declared with
+:func:`crossrank.options.option` can become flags.
+
 Imports neither torch nor the engine: ``crossrank --help`` stays instant.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -30,7 +35,8 @@ Model = Annotated[
 
 
 def _typer_option(field: OptionField) -> Any:
-    """The typer option of one engine option: ``--quantize/--no-quantize`` for a bool."""
+    """The typer option of one field: ``--quantize/--no-quantize`` for a bool; a secret's
+    value (or default) is never shown."""
     decls = [field.flag]
     if field.annotation is bool:
         decls = [f"{field.flag}/--no-{field.flag[2:]}"]
@@ -52,18 +58,52 @@ def _parameter(field: OptionField) -> inspect.Parameter:
     )
 
 
-def flag_of(param: str) -> str | None:
-    """The command-line flag of an engine option (``None`` for a name that has none)."""
-    return next((f.flag for f in option_fields() if param in (f.name, f.key)), None)
+@dataclass(frozen=True)
+class FlagGroup:
+    """Flags generated from one declaration, and the checked object they build.
+
+    ``param`` is the command's keyword-only parameter that receives the object; ``build``
+    makes it from the flags' values by field name and raises
+    :class:`~crossrank.errors.OptionError` for a bad one.
+    """
+
+    param: str
+    fields: tuple[OptionField, ...]
+    build: Callable[..., Any]
+
+    def flag_of(self, name: str) -> str | None:
+        """The flag of a field (by name or config key); ``None`` for a name that has none."""
+        return next((f.flag for f in self.fields if name in (f.name, f.key)), None)
+
+    def checked(self, values: dict[str, Any]) -> Any:
+        """The built object, or a usage error naming the flag of the bad value."""
+        try:
+            return self.build(**values)
+        except OptionError as err:
+            flag = self.flag_of(err.param)
+            raise typer.BadParameter(str(err), param_hint=[flag] if flag else None) from None
 
 
-def build_engine_options(**values: Any) -> EngineOptions:
-    """The checked options, or a usage error naming the flag of the bad one."""
-    try:
-        return EngineOptions.build(**values)
-    except OptionError as err:
-        flag = flag_of(err.param)
-        raise typer.BadParameter(str(err), param_hint=[flag] if flag else None) from None
+def flags_command(group: FlagGroup) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command one flag per field of ``group``, in place of its ``group.param``
+    parameter, which gets the checked object (the command never runs when a value is bad).
+    Decorators stack: each replaces its own parameter."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != group.param]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> None:
+            values = {f.name: kwargs.pop(f.name) for f in group.fields}
+            command(**kwargs, **{group.param: group.checked(values)})
+
+        parameters = own + [_parameter(f) for f in group.fields]
+        run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
+
+    return decorate
 
 
 def engine_command(
@@ -74,20 +114,5 @@ def engine_command(
     The command takes ``engine: EngineOptions`` (keyword-only) instead of the flags; it gets
     the options checked, or never runs when one is bad.
     """
-
-    def decorate(command: Callable[..., None]) -> Callable[..., None]:
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "engine"]
-        fields = [f for f in option_fields() if f.name not in skip]
-
-        @functools.wraps(command)
-        def run(**kwargs: Any) -> None:
-            values = {f.name: kwargs.pop(f.name) for f in fields}
-            command(**kwargs, engine=build_engine_options(**values))
-
-        parameters = own + [_parameter(f) for f in fields]
-        run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
-        run.__annotations__ = {p.name: p.annotation for p in parameters}
-        return run
-
-    return decorate
+    fields = tuple(f for f in option_fields() if f.name not in skip)
+    return flags_command(FlagGroup("engine", fields, EngineOptions.build))

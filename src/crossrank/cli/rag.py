@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,7 +25,7 @@ from rich.text import Text
 from crossrank.errors import MissingExtraError, ModelLoadError, require_extra
 from crossrank.progress import progress, working
 from crossrank.quiet import quiet_third_party
-from crossrank.rag.corpus import load_dataset, load_demo_corpus
+from crossrank.rag.corpus import Corpus, load_dataset, load_demo_corpus
 from crossrank.rag.display import (
     answer_panel,
     before_after_table,
@@ -42,11 +44,12 @@ from crossrank.rag.models import (
     load_embedder,
     load_reranker,
 )
-from crossrank.rag.pipeline import DEFAULT_TOP_K, DEFAULT_TOP_N, Pipeline
+from crossrank.rag.pipeline import DEFAULT_TOP_K, DEFAULT_TOP_N, Pipeline, QueryRun
 from crossrank.rag.retrieval import DenseIndex
 from crossrank.terminal import output_console
 
 if TYPE_CHECKING:
+    from rich.table import Table
     from sentence_transformers import SentenceTransformer
 
     from crossrank.engine import Reranker
@@ -137,17 +140,19 @@ def _timed_index(embedder: SentenceTransformer, passages: Any) -> tuple[DenseInd
     return index, time.perf_counter() - began
 
 
+Queries = Annotated[
+    list[str] | None,
+    typer.Option("--query", "-q", help="Your own query (repeatable); default: trap queries."),
+]
+TopN = Annotated[int, typer.Option("--top-n", min=1, help="Passages given to the LLM.")]
+
+
 def demo(
     embed_model: EmbedModel = DEFAULT_EMBED_MODEL,
     rerank_model: RerankModel = DEFAULT_RERANK_MODEL,
-    query: Annotated[
-        list[str] | None,
-        typer.Option("--query", "-q", help="Your own query (repeatable); default: trap queries."),
-    ] = None,
+    query: Queries = None,
     top_k: TopK = DEFAULT_TOP_K,
-    top_n: Annotated[
-        int, typer.Option("--top-n", min=1, help="Passages given to the LLM.")
-    ] = DEFAULT_TOP_N,
+    top_n: TopN = DEFAULT_TOP_N,
     device: Device = "auto",
 ) -> None:
     """Run the RAG pipeline on the bundled demo corpus: retrieve the top 50 with dense
@@ -173,7 +178,6 @@ def demo(
     with working(f"embedding {len(corpus.passages)} passages"):
         index, index_s = _timed_index(embedder, corpus.passages)
     pipeline = Pipeline(index, reranker, top_k=top_k)
-    texts = {p.id: p.text for p in corpus.passages}
     stages: dict[str, list[float]] = {
         f"embed {len(corpus.passages)} passages + build FAISS index": [index_s],
         f"retrieve top {top_k} (embed query + search)": [],
@@ -185,26 +189,12 @@ def demo(
         run = pipeline.run(question)
         retrieve.append(run.timings["retrieve"])
         rerank.append(run.timings["rerank"])
-        labelled = corpus.query_by_text(question)
-        console.print(
-            before_after_table(
-                question,
-                [h.passage.id for h in run.retrieved],
-                [(r.hit.passage.id, r.score) for r in run.reranked],
-                texts,
-                top_n=top_n,
-                relevant=labelled.relevant if labelled else None,
-            )
-        )
-        prompt = run.prompt(top_n)
+        console.print(_before_after(corpus, run, top_n))
         if llm is None:
-            console.print(dry_run_panel(prompt))
+            console.print(dry_run_panel(run.prompt(top_n)))
             continue
         began = time.perf_counter()
-        try:
-            answer = complete(prompt, llm)
-        except LLMError as err:
-            raise _fail(str(err)) from None
+        answer = _ask(run.prompt(top_n), llm)
         llm_stage.append(time.perf_counter() - began)
         console.print(answer_panel(answer, llm.model))
     console.print(timings_table(stages, title=f"Stage timings (device: {reranker.device})"))
@@ -212,98 +202,85 @@ def demo(
         console.print(random_weights_banner(rerank_model))
 
 
+def _before_after(corpus: Corpus, run: QueryRun, top_n: int) -> Table:
+    """The retrieved and the reranked order of one query, relevant passages marked when the
+    query is one of the corpus's labelled ones."""
+    labelled = corpus.query_by_text(run.query)
+    return before_after_table(
+        run.query,
+        [h.passage.id for h in run.retrieved],
+        [(r.hit.passage.id, r.score) for r in run.reranked],
+        {p.id: p.text for p in corpus.passages},
+        top_n=top_n,
+        relevant=labelled.relevant if labelled else None,
+    )
+
+
+def _ask(prompt: str, llm: LLMConfig) -> str:
+    """The LLM's answer, or one error message and exit 1."""
+    try:
+        return complete(prompt, llm)
+    except LLMError as err:
+        raise _fail(str(err)) from None
+
+
+DatasetOption = Annotated[Dataset, typer.Option("--dataset", help="Evaluation data.")]
+JsonPath = Annotated[
+    Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")
+]
+PlotPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Also draw nDCG@10/Recall@5 before vs after reranking per task and the stage "
+        "latencies to this image (.png or .svg); needs the plot extra.",
+    ),
+]
+MaxQueries = Annotated[
+    int | None, typer.Option("--max-queries", min=1, help="Evaluate the first N queries per task.")
+]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar=DATA_DIR_ENV,
+        help="With --dataset xquad-r: the folder holding data/xquad-r/{en,zh}.json.",
+    ),
+]
+
+
 def eval_command(
     embed_model: EmbedModel = DEFAULT_EMBED_MODEL,
     rerank_model: RerankModel = DEFAULT_RERANK_MODEL,
-    dataset: Annotated[Dataset, typer.Option(help="Evaluation data.")] = Dataset.demo,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")
-    ] = None,
-    plot_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot",
-            help="Also draw nDCG@10/Recall@5 before vs after reranking per task and the stage "
-            "latencies to this image (.png or .svg); needs the plot extra.",
-        ),
-    ] = None,
+    dataset: DatasetOption = Dataset.demo,
+    json_path: JsonPath = None,
+    plot_path: PlotPath = None,
     top_k: TopK = DEFAULT_TOP_K,
-    max_queries: Annotated[
-        int | None,
-        typer.Option("--max-queries", min=1, help="Evaluate the first N queries per task."),
-    ] = None,
+    max_queries: MaxQueries = None,
     device: Device = "auto",
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--data-dir",
-            envvar=DATA_DIR_ENV,
-            help="With --dataset xquad-r: the folder holding data/xquad-r/{en,zh}.json.",
-        ),
-    ] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """nDCG@5/10, MRR@10 and Recall@5/50 of retrieval alone vs retrieval + crossrank rerank,
     on the demo corpus or XQuAD-R (en→en, zh→zh, zh→en) from --data-dir."""
     _require_rag("eval")
-    from crossrank.rag.evaluate import evaluate
-
     quiet_third_party()
     try:
         if plot_path is not None:
             require_extra("matplotlib", "plot", feature="--plot")
-    except MissingExtraError as err:
-        raise _fail(str(err)) from None
-    try:
         tasks = load_dataset(dataset.value, data_dir)
-    except (FileNotFoundError, ValueError) as err:
+    except (MissingExtraError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from None
     with working("loading the models"):
         embedder, reranker = _load_models(embed_model, rerank_model, device)
     random_weights = is_random_reranker(rerank_model)
     if random_weights:
         err_console.print(random_weights_banner(rerank_model))
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    counts: dict[str, int] = {}
-    payload_tasks: dict[str, Any] = {}
-    stages: dict[str, list[float]] = {
-        "embed passages + build index": [],
-        "retrieve": [],
-        "rerank": [],
-    }
-    indexes: dict[tuple[str, ...], DenseIndex] = {}  # tasks with the same pool share an index
-    for task, corpus in tasks.items():
-        queries = corpus.queries[:max_queries]
-        pool = tuple(p.id for p in corpus.passages)
-        if pool not in indexes:
-            with working(f"{task}: embedding {len(corpus.passages)} passages"):
-                indexes[pool], index_s = _timed_index(embedder, corpus.passages)
-            stages["embed passages + build index"].append(index_s)
-        index = indexes[pool]
-        pipeline = Pipeline(index, reranker, top_k=top_k)
-        runs = []
-        for run in progress(
-            pipeline.run_many([q.text for q in queries]),
-            f"{task}: retrieve + rerank",
-            total=len(queries),
-            unit="queries",
-        ):
-            stages["retrieve"].append(run.timings["retrieve"])
-            stages["rerank"].append(run.timings["rerank"])
-            runs.append(run)
-        results[task] = evaluate(
-            corpus, [(q.id, run) for q, run in zip(queries, runs, strict=True)]
-        )
-        counts[task] = len(queries)
-        payload_tasks[task] = {
-            "queries": len(queries),
-            "passages": len(corpus.passages),
-            "metrics": results[task],
-        }
+    done = _evaluate(tasks, embedder, reranker, top_k=top_k, max_queries=max_queries)
     console = output_console()
-    console.print(
-        metrics_table(results, counts, title=f"{dataset.value}: retrieval top {top_k} vs + rerank")
-    )
-    console.print(timings_table(stages, title=f"Stage timings (device: {reranker.device})"))
+    counts = {task: measured["queries"] for task, measured in done.tasks.items()}
+    title = f"{dataset.value}: retrieval top {top_k} vs + rerank"
+    console.print(metrics_table(done.results, counts, title=title))
+    console.print(timings_table(done.stages, title=f"Stage timings (device: {reranker.device})"))
     if random_weights:
         console.print(random_weights_banner(rerank_model))
     if json_path is not None or plot_path is not None:
@@ -314,13 +291,66 @@ def eval_command(
             "random_weight_reranker": random_weights,
             "top_k": top_k,
             "device": str(reranker.device),
-            "tasks": payload_tasks,
+            "tasks": done.tasks,
             "timings": {
                 stage: {"calls": len(seconds), "total_s": sum(seconds)}
-                for stage, seconds in stages.items()
+                for stage, seconds in done.stages.items()
             },
         }
         _write_results(payload, json_path, plot_path, console)
+
+
+@dataclass
+class _Evaluation:
+    """What ``eval`` measured: metrics by task, each task's counts (for the JSON payload),
+    and the seconds of every call of each stage."""
+
+    results: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    tasks: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, list[float]] = field(
+        default_factory=lambda: {"embed passages + build index": [], "retrieve": [], "rerank": []}
+    )
+
+
+def _evaluate(
+    tasks: Mapping[str, Corpus],
+    embedder: SentenceTransformer,
+    reranker: Reranker,
+    *,
+    top_k: int,
+    max_queries: int | None,
+) -> _Evaluation:
+    """Retrieve and rerank every task's queries and score both rankings against the labels."""
+    from crossrank.rag.evaluate import evaluate
+
+    done = _Evaluation()
+    indexes: dict[tuple[str, ...], DenseIndex] = {}  # tasks with the same pool share an index
+    for task, corpus in tasks.items():
+        queries = corpus.queries[:max_queries]
+        pool = tuple(p.id for p in corpus.passages)
+        if pool not in indexes:
+            with working(f"{task}: embedding {len(corpus.passages)} passages"):
+                indexes[pool], index_s = _timed_index(embedder, corpus.passages)
+            done.stages["embed passages + build index"].append(index_s)
+        pipeline = Pipeline(indexes[pool], reranker, top_k=top_k)
+        runs = []
+        for run in progress(
+            pipeline.run_many([q.text for q in queries]),
+            f"{task}: retrieve + rerank",
+            total=len(queries),
+            unit="queries",
+        ):
+            done.stages["retrieve"].append(run.timings["retrieve"])
+            done.stages["rerank"].append(run.timings["rerank"])
+            runs.append(run)
+        metrics = evaluate(corpus, [(q.id, run) for q, run in zip(queries, runs, strict=True)])
+        done.results[task] = metrics
+        done.tasks[task] = {
+            "queries": len(queries),
+            "passages": len(corpus.passages),
+            "metrics": metrics,
+        }
+    return done
 
 
 def _write_results(

@@ -32,43 +32,49 @@ def _parse_concurrency(value: str) -> int | tuple[int, int]:
     )
 
 
+Source = Annotated[str, typer.Argument(metavar="IN", help="Input .parquet or .jsonl file.")]
+Dest = Annotated[
+    Path, typer.Argument(metavar="OUT", help="Output file (.parquet or .jsonl, same as IN).")
+]
+QueryCol = Annotated[str, typer.Option(help="Column (or JSON field) with the query.")]
+DocCol = Annotated[str, typer.Option(help="Column (or JSON field) with the document.")]
+OutCol = Annotated[str, typer.Option(help="Column (or JSON field) to add with the score.")]
+BatchSize = Annotated[
+    int, typer.Option(min=1, help="Rows per engine call (sorted by length inside).")
+]
+RawScores = Annotated[
+    bool, typer.Option("--raw-scores", help="Write logits instead of probabilities.")
+]
+UseRay = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Score on the Ray cluster at RAY_ADDRESS (else a local one); IN must then be "
+        "readable by every node (shared disk, s3://...).",
+    ),
+]
+Concurrency = Annotated[
+    str, typer.Option(help="With --ray: N engines, or MIN:MAX to autoscale the pool.")
+]
+NumGpus = Annotated[
+    float | None,
+    typer.Option(help="With --ray: GPUs per engine (default 1 on a GPU cluster, else 0)."),
+]
+
+
 @engine_command(skip={"normalize"})  # --raw-scores says it for this command
 def score_file(
-    source: Annotated[str, typer.Argument(metavar="IN", help="Input .parquet or .jsonl file.")],
-    dest: Annotated[
-        Path, typer.Argument(metavar="OUT", help="Output file (.parquet or .jsonl, same as IN).")
-    ],
+    source: Source,
+    dest: Dest,
     model: Model = DEFAULT_MODEL,
-    query_col: Annotated[
-        str, typer.Option(help="Column (or JSON field) with the query.")
-    ] = "query",
-    doc_col: Annotated[
-        str, typer.Option(help="Column (or JSON field) with the document.")
-    ] = "document",
-    out_col: Annotated[
-        str, typer.Option(help="Column (or JSON field) to add with the score.")
-    ] = "score",
-    batch_size: Annotated[
-        int, typer.Option(min=1, help="Rows per engine call (sorted by length inside).")
-    ] = 1024,
-    raw_scores: Annotated[
-        bool, typer.Option("--raw-scores", help="Write logits instead of probabilities.")
-    ] = False,
-    use_ray: Annotated[
-        bool,
-        typer.Option(
-            "--ray",
-            help="Score on the Ray cluster at RAY_ADDRESS (else a local one); IN must then be "
-            "readable by every node (shared disk, s3://...).",
-        ),
-    ] = False,
-    concurrency: Annotated[
-        str, typer.Option(help="With --ray: N engines, or MIN:MAX to autoscale the pool.")
-    ] = "1",
-    num_gpus: Annotated[
-        float | None,
-        typer.Option(help="With --ray: GPUs per engine (default 1 on a GPU cluster, else 0)."),
-    ] = None,
+    query_col: QueryCol = "query",
+    doc_col: DocCol = "document",
+    out_col: OutCol = "score",
+    batch_size: BatchSize = 1024,
+    raw_scores: RawScores = False,
+    use_ray: UseRay = False,
+    concurrency: Concurrency = "1",
+    num_gpus: NumGpus = None,
     *,
     engine: EngineOptions,
 ) -> None:
