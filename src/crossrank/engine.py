@@ -315,16 +315,7 @@ class Reranker(PeerCompat):
         ``max_windows``), mapped back to their pair by ``pair_index``; fold row scores with
         :func:`crossrank.longdoc.aggregate`.
         """
-        if self.long_docs.chunked:
-            return self.tokenizer.encode_windows(
-                queries,
-                documents,
-                window_tokens=self.long_docs.chunk_tokens,
-                overlap=self.long_docs.chunk_overlap,
-                max_windows=self.long_docs.max_windows,
-                cancel=cancel,
-            )
-        return self.tokenizer.encode(queries, documents, cancel=cancel)
+        return self.long_docs.encode(self.tokenizer, queries, documents, cancel)
 
     def batcher(self, max_pending_pairs: int | None = None) -> MicroBatcher:
         """The micro-batching queue of the running event loop (created on first use): the
