@@ -16,7 +16,6 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,8 +35,9 @@ from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
 from crossrank.cache import CacheStats, ScoreCache, open_cache
 from crossrank.fingerprint import model_identity
+from crossrank.jobs import Jobs
 from crossrank.loading import load
-from crossrank.longdoc import DocScores, LongDocs, aggregate
+from crossrank.longdoc import DocScores, LongDocs
 from crossrank.options import DEFAULT_MODEL, EngineOptions, args_docstring
 from crossrank.peer_api import PeerCompat
 from crossrank.result import RerankResult, sigmoid, to_results
@@ -52,16 +52,6 @@ from crossrank.validation import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A call's pairs after the cache lookup: the misses to score and what the cache had."""
-
-    misses: np.ndarray  # indices of the pairs the model must score
-    encoded: EncodedPairs  # rows of the misses (one per pair, or per window)
-    keys: list[str] | None = None  # cache keys of all pairs, when a cache is set
-    cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
 
 
 class Reranker(PeerCompat):
@@ -131,11 +121,12 @@ class Reranker(PeerCompat):
         self.long_docs.check_room(
             self.max_length - self.query_max_length - self.tokenizer.special_tokens_in_pair
         )
-        self._cache = None
+        cache = None
         if cache_backend is not None:
             identity = model_identity(loaded.source, revision=opts.revision, hub=loaded.hub)
             fingerprint = self._cache_fingerprint(identity)
-            self._cache = ScoreCache(cache_backend, fingerprint, with_spans=self.long_docs.chunked)
+            cache = ScoreCache(cache_backend, fingerprint, with_spans=self.long_docs.chunked)
+        self._jobs = Jobs(self.tokenizer, self.long_docs, cache)
         self._call_pool = ThreadPoolExecutor(
             max_workers=len(devices) + 1, thread_name_prefix="crossrank-call"
         )
@@ -159,7 +150,7 @@ class Reranker(PeerCompat):
     @property
     def cache_stats(self) -> CacheStats | None:
         """Score-cache hit/miss/error counters since start (``None`` without a cache)."""
-        return None if self._cache is None else self._cache.stats
+        return None if self._jobs.cache is None else self._jobs.cache.stats
 
     @property
     def self_check(self) -> SelfCheck | None:
@@ -391,11 +382,11 @@ class Reranker(PeerCompat):
         show_progress: bool = False,
         max_doc_tokens: int | None = None,
     ) -> DocScores:
-        if self._cache is None and not self.long_docs.chunked and max_doc_tokens is None:
+        if not self._jobs.needed(max_doc_tokens):
             # the common path: one score per pair, tokenization overlapped with the GPU
             return DocScores(self._score_texts(queries, documents, show_progress), None)
-        job = self._prepare(queries, documents, max_doc_tokens)
-        return self._complete(job, self._score_encoded(job.encoded, show_progress))
+        job = self._jobs.prepare(queries, documents, max_doc_tokens)
+        return self._jobs.complete(job, self._score_encoded(job.encoded, show_progress))
 
     async def _ascores(
         self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
@@ -405,18 +396,18 @@ class Reranker(PeerCompat):
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
         try:
-            if self._cache is None and not self.long_docs.chunked and max_doc_tokens is None:
+            if not self._jobs.needed(max_doc_tokens):
                 return await self._ascores_overlapped(queries, documents, cancel)
             job = await loop.run_in_executor(
-                None, self._prepare, queries, documents, max_doc_tokens, cancel
+                None, self._jobs.prepare, queries, documents, max_doc_tokens, cancel
             )
             rows = await self.batcher().submit(job.encoded)
         except BaseException:
             cancel.set()
             raise
-        if self._cache is None:
-            return self._complete(job, rows), job.encoded.total_tokens
-        scored = await loop.run_in_executor(None, self._complete, job, rows)  # cache I/O
+        if self._jobs.cache is None:
+            return self._jobs.complete(job, rows), job.encoded.total_tokens
+        scored = await loop.run_in_executor(None, self._jobs.complete, job, rows)  # cache I/O
         return scored, job.encoded.total_tokens
 
     async def _ascores_overlapped(
@@ -436,38 +427,6 @@ class Reranker(PeerCompat):
         sizes = [n] if small else chunk_sizes(n, opts.overlap_first_chunk, opts.overlap_chunk_pairs)
         raw = await self.batcher().submit_overlapped(encode, sizes)
         return DocScores(raw, None), tokens[0]
-
-    def _prepare(
-        self,
-        queries: list[str],
-        documents: list[str],
-        max_doc_tokens: int | None = None,
-        cancel: threading.Event | None = None,
-    ) -> _Job:
-        """Look the pairs up in the cache and tokenize the misses (runs off the event loop)."""
-        if max_doc_tokens is not None and documents:
-            documents = self.tokenizer.cap_documents(documents, max_doc_tokens)
-        if self._cache is None:
-            misses = np.arange(len(documents))
-            return _Job(misses, self.encode(queries, documents, cancel))
-        keys = self._cache.keys(queries, documents)
-        hit, raw, spans = self._cache.get(keys)
-        misses = np.flatnonzero(~hit)
-        encoded = self.encode([queries[i] for i in misses], [documents[i] for i in misses], cancel)
-        return _Job(misses, encoded, keys, DocScores(raw, spans))
-
-    def _complete(self, job: _Job, rows: np.ndarray) -> DocScores:
-        """Fold row scores into per-pair scores, merged with cache hits and stored."""
-        fresh = aggregate(rows, job.encoded, len(job.misses), self.long_docs.aggregate)
-        if self._cache is None or job.keys is None or job.cached is None:
-            return fresh
-        raw, spans = job.cached.raw, job.cached.spans  # fresh arrays owned by this call
-        raw[job.misses] = fresh.raw
-        if spans is not None and fresh.spans is not None:
-            spans[job.misses] = fresh.spans
-        if len(job.misses):
-            self._cache.put([job.keys[i] for i in job.misses], fresh.raw, fresh.spans)
-        return DocScores(raw, spans)
 
     def _cache_fingerprint(self, identity: dict[str, str]) -> str:
         """Everything besides the pair that changes a raw score (``normalize`` does not);
