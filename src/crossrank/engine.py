@@ -10,7 +10,6 @@ scores -> optional sigmoid.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import weakref
@@ -28,13 +27,12 @@ from crossrank.backends.setup import (
     DECODER_ARCHITECTURES,
     default_batch_tokens,
     pair_tokenizer,
-    prompt_fingerprint,
+    score_cache,
     with_weights,
 )
 from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
-from crossrank.cache import CacheStats, ScoreCache, open_cache
-from crossrank.fingerprint import model_identity
+from crossrank.cache import CacheStats, open_cache
 from crossrank.jobs import Jobs
 from crossrank.loading import load
 from crossrank.longdoc import DocScores, LongDocs
@@ -121,11 +119,7 @@ class Reranker(PeerCompat):
         self.long_docs.check_room(
             self.max_length - self.query_max_length - self.tokenizer.special_tokens_in_pair
         )
-        cache = None
-        if cache_backend is not None:
-            identity = model_identity(loaded.source, revision=opts.revision, hub=loaded.hub)
-            fingerprint = self._cache_fingerprint(identity)
-            cache = ScoreCache(cache_backend, fingerprint, with_spans=self.long_docs.chunked)
+        cache = score_cache(cache_backend, loaded, opts, self.dtype, self.tokenizer)
         self._jobs = Jobs(self.tokenizer, self.long_docs, cache)
         self._call_pool = ThreadPoolExecutor(
             max_workers=len(devices) + 1, thread_name_prefix="crossrank-call"
@@ -427,23 +421,6 @@ class Reranker(PeerCompat):
         sizes = [n] if small else chunk_sizes(n, opts.overlap_first_chunk, opts.overlap_chunk_pairs)
         raw = await self.batcher().submit_overlapped(encode, sizes)
         return DocScores(raw, None), tokens[0]
-
-    def _cache_fingerprint(self, identity: dict[str, str]) -> str:
-        """Everything besides the pair that changes a raw score (``normalize`` does not);
-        ``identity`` is the model's :func:`~crossrank.fingerprint.model_identity`."""
-        return "|".join(
-            [
-                "crossrank-v3",
-                json.dumps(identity, sort_keys=True),
-                str(self.revision),
-                str(self.dtype),
-                f"{self.backend}{'-int8' if self.quantize else ''}",
-                str(self.max_length),
-                str(self.query_max_length),
-                self.long_docs.fingerprint(),
-                *prompt_fingerprint(self.tokenizer),
-            ]
-        )
 
     def _ranked(
         self, docs: list[str], scored: DocScores, top_n: int | None, threshold: float | None
