@@ -30,7 +30,7 @@ from crossrank.backends.setup import (
     score_cache,
     with_weights,
 )
-from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
+from crossrank.backends.workers import DevicePool, overlap_sizes, score_overlapped
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
 from crossrank.cache import CacheStats, open_cache
 from crossrank.jobs import Jobs
@@ -347,9 +347,8 @@ class Reranker(PeerCompat):
     def _score_texts(
         self, queries: list[str], documents: list[str], show_progress: bool
     ) -> np.ndarray:
-        opts = self.options
-        if self.runner.packed and len(documents) > opts.overlap_min_pairs and not show_progress:
-            sizes = chunk_sizes(len(documents), opts.overlap_first_chunk, opts.overlap_chunk_pairs)
+        sizes = overlap_sizes(len(documents), self.options, packed=self.runner.packed)
+        if sizes is not None and not show_progress:
             return score_overlapped(
                 self.encode, self._submit_encoded, queries, documents, sizes, self._call_pool
             )
@@ -416,10 +415,9 @@ class Reranker(PeerCompat):
             tokens[0] += encoded.total_tokens
             return encoded
 
-        n, opts = len(documents), self.options
-        small = n <= opts.overlap_min_pairs or not self.runner.packed
-        sizes = [n] if small else chunk_sizes(n, opts.overlap_first_chunk, opts.overlap_chunk_pairs)
-        raw = await self.batcher().submit_overlapped(encode, sizes)
+        n = len(documents)
+        sizes = overlap_sizes(n, self.options, packed=self.runner.packed)
+        raw = await self.batcher().submit_overlapped(encode, [n] if sizes is None else sizes)
         return DocScores(raw, None), tokens[0]
 
     def _ranked(
