@@ -40,14 +40,7 @@ from crossrank.options import DEFAULT_MODEL, EngineOptions, args_docstring
 from crossrank.peer_api import PeerCompat
 from crossrank.result import RerankResult, sigmoid, to_results
 from crossrank.tokenization import EncodedPairs
-from crossrank.validation import (
-    check_documents,
-    check_optional_positive_int,
-    check_pairs,
-    check_query,
-    check_threshold,
-    check_top_n,
-)
+from crossrank.validation import check_pairs, check_rerank_args, check_score_args
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +166,7 @@ class Reranker(PeerCompat):
         ``max_doc_tokens`` first cuts each document to that many tokens (``None``: only
         ``max_length``, or chunk mode, decides).
         """
-        check_query(query)
-        docs = check_documents(documents)
-        check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
+        docs = check_score_args(query, documents, max_doc_tokens)
         scored = self._scores([query] * len(docs), docs, show_progress, max_doc_tokens)
         return self._finish(scored.raw, normalize)
 
@@ -206,9 +197,7 @@ class Reranker(PeerCompat):
         number of documents returns them all. In chunk mode each result's ``best_span`` is the
         character span of the document's best window.
         """
-        top_n, threshold = check_top_n(top_n), check_threshold(threshold)
-        docs = check_documents(documents)
-        check_query(query)
+        docs, top_n, threshold = check_rerank_args(query, documents, top_n, threshold)
         return self._ranked(
             docs, self._scores([query] * len(docs), docs, show_progress), top_n, threshold
         )
@@ -237,9 +226,7 @@ class Reranker(PeerCompat):
         of pending pairs; cancelling the awaiting task drops the pairs not yet sent to the
         model.
         """
-        check_query(query)
-        docs = check_documents(documents)
-        check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
+        docs = check_score_args(query, documents, max_doc_tokens)
         scored, tokens = await self._ascores([query] * len(docs), docs, max_doc_tokens)
         return scored.raw, tokens
 
@@ -258,9 +245,7 @@ class Reranker(PeerCompat):
         threshold: float | None = None,
     ) -> list[RerankResult]:
         """Async :meth:`rerank`."""
-        top_n, threshold = check_top_n(top_n), check_threshold(threshold)
-        docs = check_documents(documents)
-        check_query(query)
+        docs, top_n, threshold = check_rerank_args(query, documents, top_n, threshold)
         scored, _ = await self._ascores([query] * len(docs), docs)
         return self._ranked(docs, scored, top_n, threshold)
 
@@ -271,8 +256,7 @@ class Reranker(PeerCompat):
         truncate" option. In chunk mode long texts are scored window by window, never cut,
         so only the query is checked. A query over ``query_max_length`` tokens (it would be
         cut in every pair) raises a ``ValueError`` saying so."""
-        check_query(query)
-        docs = check_documents(texts)
+        docs = check_score_args(query, texts)
         tok = self.tokenizer
         texts_to_count = [query] if self.long_docs.chunked else [query, *docs]
         counts = tok.token_counts(texts_to_count, at_most=tok.max_length)  # bounded work
