@@ -10,13 +10,11 @@ scores -> optional sigmoid.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,39 +27,22 @@ from crossrank.backends.setup import (
     DECODER_ARCHITECTURES,
     default_batch_tokens,
     pair_tokenizer,
-    prompt_fingerprint,
+    score_cache,
     with_weights,
 )
-from crossrank.backends.workers import DevicePool, chunk_sizes, score_overlapped
+from crossrank.backends.workers import DevicePool, overlap_sizes, score_overlapped
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
-from crossrank.cache import CacheStats, ScoreCache, open_cache
-from crossrank.fingerprint import model_identity
+from crossrank.cache import CacheStats, open_cache
+from crossrank.jobs import Jobs
 from crossrank.loading import load
-from crossrank.longdoc import DocScores, LongDocs, aggregate
+from crossrank.longdoc import DocScores, LongDocs
 from crossrank.options import DEFAULT_MODEL, EngineOptions, args_docstring
 from crossrank.peer_api import PeerCompat
 from crossrank.result import RerankResult, sigmoid, to_results
 from crossrank.tokenization import EncodedPairs
-from crossrank.validation import (
-    check_documents,
-    check_optional_positive_int,
-    check_pairs,
-    check_query,
-    check_threshold,
-    check_top_n,
-)
+from crossrank.validation import check_pairs, check_rerank_args, check_score_args
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A call's pairs after the cache lookup: the misses to score and what the cache had."""
-
-    misses: np.ndarray  # indices of the pairs the model must score
-    encoded: EncodedPairs  # rows of the misses (one per pair, or per window)
-    keys: list[str] | None = None  # cache keys of all pairs, when a cache is set
-    cached: DocScores | None = None  # cache values of all pairs (hits only are meaningful)
 
 
 class Reranker(PeerCompat):
@@ -131,11 +112,8 @@ class Reranker(PeerCompat):
         self.long_docs.check_room(
             self.max_length - self.query_max_length - self.tokenizer.special_tokens_in_pair
         )
-        self._cache = None
-        if cache_backend is not None:
-            identity = model_identity(loaded.source, revision=opts.revision, hub=loaded.hub)
-            fingerprint = self._cache_fingerprint(identity)
-            self._cache = ScoreCache(cache_backend, fingerprint, with_spans=self.long_docs.chunked)
+        cache = score_cache(cache_backend, loaded, opts, self.dtype, self.tokenizer)
+        self._jobs = Jobs(self.tokenizer, self.long_docs, cache)
         self._call_pool = ThreadPoolExecutor(
             max_workers=len(devices) + 1, thread_name_prefix="crossrank-call"
         )
@@ -159,7 +137,7 @@ class Reranker(PeerCompat):
     @property
     def cache_stats(self) -> CacheStats | None:
         """Score-cache hit/miss/error counters since start (``None`` without a cache)."""
-        return None if self._cache is None else self._cache.stats
+        return None if self._jobs.cache is None else self._jobs.cache.stats
 
     @property
     def self_check(self) -> SelfCheck | None:
@@ -188,9 +166,7 @@ class Reranker(PeerCompat):
         ``max_doc_tokens`` first cuts each document to that many tokens (``None``: only
         ``max_length``, or chunk mode, decides).
         """
-        check_query(query)
-        docs = check_documents(documents)
-        check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
+        docs = check_score_args(query, documents, max_doc_tokens)
         scored = self._scores([query] * len(docs), docs, show_progress, max_doc_tokens)
         return self._finish(scored.raw, normalize)
 
@@ -221,9 +197,7 @@ class Reranker(PeerCompat):
         number of documents returns them all. In chunk mode each result's ``best_span`` is the
         character span of the document's best window.
         """
-        top_n, threshold = check_top_n(top_n), check_threshold(threshold)
-        docs = check_documents(documents)
-        check_query(query)
+        docs, top_n, threshold = check_rerank_args(query, documents, top_n, threshold)
         return self._ranked(
             docs, self._scores([query] * len(docs), docs, show_progress), top_n, threshold
         )
@@ -252,9 +226,7 @@ class Reranker(PeerCompat):
         of pending pairs; cancelling the awaiting task drops the pairs not yet sent to the
         model.
         """
-        check_query(query)
-        docs = check_documents(documents)
-        check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
+        docs = check_score_args(query, documents, max_doc_tokens)
         scored, tokens = await self._ascores([query] * len(docs), docs, max_doc_tokens)
         return scored.raw, tokens
 
@@ -273,9 +245,7 @@ class Reranker(PeerCompat):
         threshold: float | None = None,
     ) -> list[RerankResult]:
         """Async :meth:`rerank`."""
-        top_n, threshold = check_top_n(top_n), check_threshold(threshold)
-        docs = check_documents(documents)
-        check_query(query)
+        docs, top_n, threshold = check_rerank_args(query, documents, top_n, threshold)
         scored, _ = await self._ascores([query] * len(docs), docs)
         return self._ranked(docs, scored, top_n, threshold)
 
@@ -286,8 +256,7 @@ class Reranker(PeerCompat):
         truncate" option. In chunk mode long texts are scored window by window, never cut,
         so only the query is checked. A query over ``query_max_length`` tokens (it would be
         cut in every pair) raises a ``ValueError`` saying so."""
-        check_query(query)
-        docs = check_documents(texts)
+        docs = check_score_args(query, texts)
         tok = self.tokenizer
         texts_to_count = [query] if self.long_docs.chunked else [query, *docs]
         counts = tok.token_counts(texts_to_count, at_most=tok.max_length)  # bounded work
@@ -315,16 +284,7 @@ class Reranker(PeerCompat):
         ``max_windows``), mapped back to their pair by ``pair_index``; fold row scores with
         :func:`crossrank.longdoc.aggregate`.
         """
-        if self.long_docs.chunked:
-            return self.tokenizer.encode_windows(
-                queries,
-                documents,
-                window_tokens=self.long_docs.chunk_tokens,
-                overlap=self.long_docs.chunk_overlap,
-                max_windows=self.long_docs.max_windows,
-                cancel=cancel,
-            )
-        return self.tokenizer.encode(queries, documents, cancel=cancel)
+        return self.long_docs.encode(self.tokenizer, queries, documents, cancel)
 
     def batcher(self, max_pending_pairs: int | None = None) -> MicroBatcher:
         """The micro-batching queue of the running event loop (created on first use): the
@@ -371,9 +331,8 @@ class Reranker(PeerCompat):
     def _score_texts(
         self, queries: list[str], documents: list[str], show_progress: bool
     ) -> np.ndarray:
-        opts = self.options
-        if self.runner.packed and len(documents) > opts.overlap_min_pairs and not show_progress:
-            sizes = chunk_sizes(len(documents), opts.overlap_first_chunk, opts.overlap_chunk_pairs)
+        sizes = overlap_sizes(len(documents), self.options, packed=self.runner.packed)
+        if sizes is not None and not show_progress:
             return score_overlapped(
                 self.encode, self._submit_encoded, queries, documents, sizes, self._call_pool
             )
@@ -400,11 +359,11 @@ class Reranker(PeerCompat):
         show_progress: bool = False,
         max_doc_tokens: int | None = None,
     ) -> DocScores:
-        if self._cache is None and not self.long_docs.chunked and max_doc_tokens is None:
+        if not self._jobs.needed(max_doc_tokens):
             # the common path: one score per pair, tokenization overlapped with the GPU
             return DocScores(self._score_texts(queries, documents, show_progress), None)
-        job = self._prepare(queries, documents, max_doc_tokens)
-        return self._complete(job, self._score_encoded(job.encoded, show_progress))
+        job = self._jobs.prepare(queries, documents, max_doc_tokens)
+        return self._jobs.complete(job, self._score_encoded(job.encoded, show_progress))
 
     async def _ascores(
         self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
@@ -414,18 +373,18 @@ class Reranker(PeerCompat):
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
         try:
-            if self._cache is None and not self.long_docs.chunked and max_doc_tokens is None:
+            if not self._jobs.needed(max_doc_tokens):
                 return await self._ascores_overlapped(queries, documents, cancel)
             job = await loop.run_in_executor(
-                None, self._prepare, queries, documents, max_doc_tokens, cancel
+                None, self._jobs.prepare, queries, documents, max_doc_tokens, cancel
             )
             rows = await self.batcher().submit(job.encoded)
         except BaseException:
             cancel.set()
             raise
-        if self._cache is None:
-            return self._complete(job, rows), job.encoded.total_tokens
-        scored = await loop.run_in_executor(None, self._complete, job, rows)  # cache I/O
+        if self._jobs.cache is None:
+            return self._jobs.complete(job, rows), job.encoded.total_tokens
+        scored = await loop.run_in_executor(None, self._jobs.complete, job, rows)  # cache I/O
         return scored, job.encoded.total_tokens
 
     async def _ascores_overlapped(
@@ -440,60 +399,10 @@ class Reranker(PeerCompat):
             tokens[0] += encoded.total_tokens
             return encoded
 
-        n, opts = len(documents), self.options
-        small = n <= opts.overlap_min_pairs or not self.runner.packed
-        sizes = [n] if small else chunk_sizes(n, opts.overlap_first_chunk, opts.overlap_chunk_pairs)
-        raw = await self.batcher().submit_overlapped(encode, sizes)
+        n = len(documents)
+        sizes = overlap_sizes(n, self.options, packed=self.runner.packed)
+        raw = await self.batcher().submit_overlapped(encode, [n] if sizes is None else sizes)
         return DocScores(raw, None), tokens[0]
-
-    def _prepare(
-        self,
-        queries: list[str],
-        documents: list[str],
-        max_doc_tokens: int | None = None,
-        cancel: threading.Event | None = None,
-    ) -> _Job:
-        """Look the pairs up in the cache and tokenize the misses (runs off the event loop)."""
-        if max_doc_tokens is not None and documents:
-            documents = self.tokenizer.cap_documents(documents, max_doc_tokens)
-        if self._cache is None:
-            misses = np.arange(len(documents))
-            return _Job(misses, self.encode(queries, documents, cancel))
-        keys = self._cache.keys(queries, documents)
-        hit, raw, spans = self._cache.get(keys)
-        misses = np.flatnonzero(~hit)
-        encoded = self.encode([queries[i] for i in misses], [documents[i] for i in misses], cancel)
-        return _Job(misses, encoded, keys, DocScores(raw, spans))
-
-    def _complete(self, job: _Job, rows: np.ndarray) -> DocScores:
-        """Fold row scores into per-pair scores, merged with cache hits and stored."""
-        fresh = aggregate(rows, job.encoded, len(job.misses), self.long_docs.aggregate)
-        if self._cache is None or job.keys is None or job.cached is None:
-            return fresh
-        raw, spans = job.cached.raw, job.cached.spans  # fresh arrays owned by this call
-        raw[job.misses] = fresh.raw
-        if spans is not None and fresh.spans is not None:
-            spans[job.misses] = fresh.spans
-        if len(job.misses):
-            self._cache.put([job.keys[i] for i in job.misses], fresh.raw, fresh.spans)
-        return DocScores(raw, spans)
-
-    def _cache_fingerprint(self, identity: dict[str, str]) -> str:
-        """Everything besides the pair that changes a raw score (``normalize`` does not);
-        ``identity`` is the model's :func:`~crossrank.fingerprint.model_identity`."""
-        return "|".join(
-            [
-                "crossrank-v3",
-                json.dumps(identity, sort_keys=True),
-                str(self.revision),
-                str(self.dtype),
-                f"{self.backend}{'-int8' if self.quantize else ''}",
-                str(self.max_length),
-                str(self.query_max_length),
-                self.long_docs.fingerprint(),
-                *prompt_fingerprint(self.tokenizer),
-            ]
-        )
 
     def _ranked(
         self, docs: list[str], scored: DocScores, top_n: int | None, threshold: float | None

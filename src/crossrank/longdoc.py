@@ -15,13 +15,15 @@ first window, and its text is cut before tokenizing to what those windows need
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from crossrank.errors import OptionError
 from crossrank.options import AGGREGATES, EngineOptions
-from crossrank.tokenization import EncodedPairs
+from crossrank.tokenization import EncodedPairs, PairTokenizer
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,27 @@ class LongDocs:
                 f"({window} document tokens after a query of query_max_length tokens); "
                 "lower chunk_overlap or query_max_length, or raise chunk_tokens/max_length",
             )
+
+    def encode(
+        self,
+        tokenizer: PairTokenizer,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        cancel: threading.Event | None = None,
+    ) -> EncodedPairs:
+        """``tokenizer``'s rows for validated pairs: one per pair (cut to ``max_length``), or
+        in chunk mode a long document's windows (its first ``max_windows``), mapped back to
+        their pair by ``pair_index``. ``cancel`` stops it between chunks."""
+        if self.chunked:
+            return tokenizer.encode_windows(
+                queries,
+                documents,
+                window_tokens=self.chunk_tokens,
+                overlap=self.chunk_overlap,
+                max_windows=self.max_windows,
+                cancel=cancel,
+            )
+        return tokenizer.encode(queries, documents, cancel=cancel)
 
     def fingerprint(self) -> str:
         """The settings that change a document's score, for cache keys."""

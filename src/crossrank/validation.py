@@ -99,6 +99,26 @@ def check_optional_positive_int(value: Any, *, name: str) -> int | None:
     return value
 
 
+def check_score_args(query: Any, documents: Any, max_doc_tokens: Any = None) -> list[str]:
+    """The checks of a call scoring ``documents`` against ``query`` (the engine's ``score``
+    and ``first_overlong``), in that order; ``documents`` as a list."""
+    check_query(query)
+    docs = check_documents(documents)
+    check_optional_positive_int(max_doc_tokens, name="max_doc_tokens")
+    return docs
+
+
+def check_rerank_args(
+    query: Any, documents: Any, top_n: Any, threshold: Any
+) -> tuple[list[str], int | None, float | None]:
+    """The checks of a call ranking ``documents`` for ``query``: ``top_n`` and ``threshold``
+    first, then the documents and the query; ``(documents as a list, top_n, threshold)``."""
+    top_n, threshold = check_top_n(top_n), check_threshold(threshold)
+    docs = check_documents(documents)
+    check_query(query)
+    return docs, top_n, threshold
+
+
 def scrub_surrogates(texts: Sequence[str]) -> list[str]:
     """Replace lone UTF-16 surrogates (which cannot be encoded to UTF-8) with U+FFFD.
 

@@ -12,6 +12,7 @@ import pytest
 
 from crossrank import Reranker
 from crossrank.backends.decoder import PromptTokenizer
+from crossrank.backends.setup import score_fingerprint
 from crossrank.errors import OptionError
 
 from .llm_assets import SAMPLE_DOCUMENTS, SAMPLE_QUERIES
@@ -69,7 +70,11 @@ def test_chunk_mode_and_cache(tiny_qwen3_dir: Path, qwen3: Reranker):
 
 def test_instruction_is_in_the_cache_fingerprint(tiny_qwen3_dir: Path, qwen3: Reranker):
     other = Reranker(str(tiny_qwen3_dir), device="cpu", max_length=256, instruction="Other")
-    assert other._cache_fingerprint({}) != qwen3._cache_fingerprint({})
+    fingerprints = [
+        score_fingerprint({}, engine.options, engine.dtype, engine.tokenizer)
+        for engine in (other, qwen3)
+    ]
+    assert fingerprints[0] != fingerprints[1]
 
 
 def test_instruction_is_refused_for_encoders(tiny_model_dir: Path):

@@ -3,12 +3,15 @@
 An encoder cross-encoder and a decoder (LLM) reranker differ in the dtype ``"auto"`` means on
 CUDA (bf16 for decoders: fp16 overflows in some LLMs), in how many tokens one pass may hold
 (sized from width x depth), in the pair tokenizer (plain pairs vs a prompt template) and in
-what the score cache must fingerprint (a prompt's family and instruction). The engine calls
-these once at load, so it never branches on a family itself.
+what the score cache must fingerprint (a prompt's family and instruction), so the score
+cache's key (:func:`score_fingerprint`, everything besides the pair that changes a raw score)
+is built here too. The engine calls these once at load, so it never branches on a family
+itself.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -16,8 +19,11 @@ import torch
 
 from crossrank.backends import compute_dtype
 from crossrank.backends.decoder import FAMILIES, DecoderFamily, PromptTokenizer
+from crossrank.cache import Cache, ScoreCache
 from crossrank.errors import OptionError
+from crossrank.fingerprint import model_identity
 from crossrank.loading import LoadedModel, with_weights_on
+from crossrank.longdoc import LongDocs
 from crossrank.options import EngineOptions
 from crossrank.tokenization import PairTokenizer
 
@@ -89,3 +95,39 @@ def prompt_fingerprint(tokenizer: PairTokenizer) -> list[str]:
     if not isinstance(tokenizer, PromptTokenizer):
         return []
     return [tokenizer.family.name, tokenizer.instruction]
+
+
+def score_fingerprint(
+    identity: dict[str, str], opts: EngineOptions, dtype: torch.dtype, tokenizer: PairTokenizer
+) -> str:
+    """Everything besides the pair that changes a raw score (``normalize`` does not);
+    ``identity`` is the model's :func:`~crossrank.fingerprint.model_identity`."""
+    return "|".join(
+        [
+            "crossrank-v3",
+            json.dumps(identity, sort_keys=True),
+            str(opts.revision),
+            str(dtype),
+            f"{opts.backend}{'-int8' if opts.quantize else ''}",
+            str(tokenizer.max_length),
+            str(tokenizer.query_max_length),
+            LongDocs.from_options(opts).fingerprint(),
+            *prompt_fingerprint(tokenizer),
+        ]
+    )
+
+
+def score_cache(
+    backend: Cache | None,
+    loaded: LoadedModel,
+    opts: EngineOptions,
+    dtype: torch.dtype,
+    tokenizer: PairTokenizer,
+) -> ScoreCache | None:
+    """The engine's score cache on ``backend`` (``None`` without one), its keys prefixed by
+    :func:`score_fingerprint` of the loaded model's identity."""
+    if backend is None:
+        return None
+    identity = model_identity(loaded.source, revision=opts.revision, hub=loaded.hub)
+    fingerprint = score_fingerprint(identity, opts, dtype, tokenizer)
+    return ScoreCache(backend, fingerprint, with_spans=LongDocs.from_options(opts).chunked)

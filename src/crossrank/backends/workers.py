@@ -26,6 +26,7 @@ import torch
 from crossrank.backends.base import Pending, Runner
 from crossrank.backends.families import raw_scores
 from crossrank.batching import plan_batches
+from crossrank.options import EngineOptions
 from crossrank.tokenization import EncodedPairs
 
 if TYPE_CHECKING:
@@ -51,6 +52,15 @@ def chunk_sizes(n: int, first: int, largest: int, growth: int = 4) -> list[int]:
         left -= take
         size = min(size * growth, largest)
     return sizes
+
+
+def overlap_sizes(n: int, options: EngineOptions, *, packed: bool) -> list[int] | None:
+    """The chunk sizes in which ``n`` pairs are tokenized while earlier chunks are scored
+    (:func:`score_overlapped`), or ``None`` when overlapping is not worth it: at most
+    ``options.overlap_min_pairs`` pairs, or a padded runner."""
+    if not packed or n <= options.overlap_min_pairs:
+        return None
+    return chunk_sizes(n, options.overlap_first_chunk, options.overlap_chunk_pairs)
 
 
 def score_overlapped(
