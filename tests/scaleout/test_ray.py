@@ -676,22 +676,15 @@ def test_a_replica_refuses_connection_settings_it_cannot_apply() -> None:
         replica("no/such-model", ServerSettings(timeout_keep_alive=30))
 
 
-#: A Serve config file, as ``serve deploy`` reads it (docs/scale-out.md).
-SERVE_CONFIG = """
-applications:
-  - name: crossrank
-    route_prefix: /
-    import_path: crossrank.ray:build_app
-    args:
-      model: some/model
-      num_gpus: 0
-      served_model_name: reranker
-      max_docs: 50
-      max_queue: 500
-      request_timeout: 30
-      timeout_body: 20
-      long_docs: chunk
-"""
+def _documented_serve_config() -> dict:
+    """The Serve config file of docs/scale-out.md, as ``serve deploy`` reads it."""
+    import re
+    import textwrap
+
+    yaml = pytest.importorskip("yaml")
+    text = (Path(__file__).parents[2] / "docs" / "scale-out.md").read_text("utf-8")
+    [block] = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
+    return yaml.safe_load(textwrap.dedent(block))
 
 
 def test_a_serve_config_sets_the_server_settings_and_a_bad_one_is_named(
@@ -702,24 +695,26 @@ def test_a_serve_config_sets_the_server_settings_and_a_bad_one_is_named(
     from crossrank.ray import build_app
     from crossrank.server import ServerSettings
 
-    yaml = pytest.importorskip("yaml")
     monkeypatch.delenv("CROSSRANK_API_KEY", raising=False)
     monkeypatch.delenv("CROSSRANK_CACHE", raising=False)
-    args = yaml.safe_load(SERVE_CONFIG)["applications"][0]["args"]
+    [application] = _documented_serve_config()["applications"]
+    assert application["import_path"] == "crossrank.ray:build_app"
+    # no GPUs asked for (else build_app asks a Ray cluster whether it has any)
+    args = {**application["args"], "num_gpus": 0, "timeout_body": 20}
     build_app(args)
     [((model, settings, options), _)] = bound
-    assert model == "some/model" and options == EngineOptions(long_docs="chunk")
+    assert model == "/models/bge-reranker-v2-m3" and options == EngineOptions(long_docs="chunk")
     assert settings == ServerSettings(
-        served_model_name=("reranker",),
-        max_docs=50,
-        max_queue=500,
-        request_timeout=30,
+        served_model_name=("bge-reranker-v2-m3",),
+        max_docs=1000,
+        max_queue=10_000,
+        request_timeout=60,
         timeout_body=20,
     )
     for bad, message in (
         ({"max_docs": 0}, "max_docs must be a positive int, got 0"),
         ({"max_docs": True}, "max_docs must not be true or false"),
-        ({"max_queue": 49}, "max_queue=49 must be >= max_docs=50"),
+        ({"max_docs": 50, "max_queue": 49}, "max_queue=49 must be >= max_docs=50"),
         ({"request_timeout": 0}, "request_timeout must be > 0 seconds"),
         ({"timeout_body": "soon"}, "timeout_body\n  Input should be a valid number"),
         ({"served_model_name": ["ok", " "]}, "served_model_name must be non-blank strings"),
