@@ -7,8 +7,9 @@ Serve deployment fit on a 2-core machine. Select with ``-m ray``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,6 +156,7 @@ def test_score_file_on_ray_writes_what_the_local_path_writes(
 # -------------------------------------------------------------------------- Ray Serve
 MAX_DOCS = 20
 KEY = "sk-ray-test"
+SERVED_NAMES = ["reranker-test", "reranker-alias"]
 
 #: (method, path, JSON body): Cohere, Jina and TEI shapes, options, and each kind of error.
 REQUESTS: list[tuple[str, str, object]] = [
@@ -220,6 +222,7 @@ def serve_url(proxy_url: str, tiny_model_dir: Path) -> str:
         device="cpu",
         max_docs=MAX_DOCS,
         api_key=KEY,
+        served_model_name=SERVED_NAMES,
     )
     serve.run(build_app(args), name="crossrank-test", route_prefix="/")
     return proxy_url
@@ -232,7 +235,8 @@ def single_process_url(tiny_model_dir: Path) -> Iterator[str]:
     from crossrank.server.runner import BackgroundServer
 
     reranker = Reranker(str(tiny_model_dir), device="cpu")
-    app = create_app(reranker, ServerSettings(max_docs=MAX_DOCS, api_key=KEY))
+    settings = ServerSettings(max_docs=MAX_DOCS, api_key=KEY, served_model_name=SERVED_NAMES)
+    app = create_app(reranker, settings)
     with BackgroundServer(app) as server:
         server.wait_ready()
         yield server.url
@@ -264,6 +268,8 @@ def test_serve_answers_exactly_like_the_single_process_server(
         single, on_ray = answers
         assert on_ray.status_code == single.status_code, (path, body, on_ray.text)
         assert _comparable(on_ray.json()) == _comparable(single.json()), (path, body)
+        if path == "/v1/models":  # the served names reached the replicas
+            assert [model["id"] for model in on_ray.json()["data"]] == SERVED_NAMES
     # the API key guards the Serve app too
     denied = httpx.post(serve_url + "/v1/rerank", json={"query": QUERY, "documents": DOCS})
     assert denied.status_code == 401
@@ -402,9 +408,10 @@ def _busy_replica(names: list[str]) -> str:
 
 
 # ----------------------------------------------------------------- crossrank serve --ray
-def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The options map onto :class:`RerankAppArgs` (what ``run_app`` deploys: the Serve app
-    itself is tested above through ``build_app``)."""
+@pytest.fixture
+def serve_ray(monkeypatch: pytest.MonkeyPatch) -> tuple[Callable[..., Any], list[tuple]]:
+    """``invoke(*args, env=...)`` runs ``crossrank serve -m some/model *args``; ``run_app``
+    records the :class:`RerankAppArgs` it would deploy in ``calls`` instead."""
     import typer
     from typer.testing import CliRunner
 
@@ -421,6 +428,37 @@ def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> Non
     def invoke(*args: str, env: dict[str, str] | None = None):
         return CliRunner().invoke(app, ["serve", "-m", "some/model", *args], env=env)
 
+    return invoke, calls
+
+
+@pytest.fixture
+def bound(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple, dict]]:
+    """What :func:`build_app` binds every replica with (no cluster: the deployment is faked)."""
+    import crossrank.ray.serve
+
+    calls: list[tuple[tuple, dict]] = []
+
+    class Deployment:
+        def options(self, **kw: object) -> Deployment:
+            return self
+
+        def bind(self, *a: object, **kw: object) -> None:
+            calls.append((a, kw))
+
+    monkeypatch.setattr(crossrank.ray.serve, "RerankDeployment", Deployment())
+    return calls
+
+
+def _flat(output: str) -> str:
+    return " ".join(output.replace("│", " ").split())
+
+
+def test_serve_ray_flags_become_app_args(
+    serve_ray: tuple[Callable[..., Any], list[tuple]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The options map onto :class:`RerankAppArgs` (what ``run_app`` deploys: the Serve app
+    itself is tested above through ``build_app``)."""
+    invoke, calls = serve_ray
     result = invoke("--ray", "--autoscale", "2:8", "--port", "9001", "--max-docs", "30")
     assert result.exit_code == 0, result.output
     args, kw = calls.pop()
@@ -471,17 +509,18 @@ def test_serve_ray_flags_become_app_args(monkeypatch: pytest.MonkeyPatch) -> Non
         (["--ray", "--autoscale", "4"], "MIN:MAX"),
     ):
         result = invoke(*bad)
-        assert result.exit_code == 2 and message in " ".join(result.output.split()), bad
+        assert result.exit_code == 2 and message in _flat(result.output), bad
     assert not calls
 
 
-def test_app_args_take_the_engine_options_and_check_them(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_app_args_take_the_engine_options_and_check_them(
+    bound: list[tuple[tuple, dict]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``RerankAppArgs`` (a config file's ``args``, or ``serve --ray``) accepts the engine's
     options, refuses bad ones with the engine's message, and ``build_app`` hands them to every
     replica's ``Reranker``; no cluster is needed for either."""
     from pydantic import ValidationError
 
-    import crossrank.ray.serve
     from crossrank.ray import RerankAppArgs, build_app
 
     monkeypatch.delenv("CROSSRANK_CACHE", raising=False)
@@ -501,16 +540,6 @@ def test_app_args_take_the_engine_options_and_check_them(monkeypatch: pytest.Mon
     )
     assert "pw-in-url" not in repr(args) and "pw-in-url" not in args.model_dump_json()
 
-    bound: list[tuple[tuple, dict]] = []
-
-    class Deployment:
-        def options(self, **kw: object) -> Deployment:
-            return self
-
-        def bind(self, *a: object, **kw: object) -> None:
-            bound.append((a, kw))
-
-    monkeypatch.setattr(crossrank.ray.serve, "RerankDeployment", Deployment())
     build_app(args)
     [((_, _, options), _)] = bound
     assert options == EngineOptions(
@@ -546,3 +575,158 @@ def test_app_args_take_the_engine_options_and_check_them(monkeypatch: pytest.Mon
         with pytest.raises(ValidationError) as err:
             RerankAppArgs.model_validate(bad)
         assert message in str(err.value) and "pw-in-url" not in str(err.value), bad
+
+
+#: The settings Ray's HTTP proxy would have to apply (it holds the client connections).
+CONNECTION_SETTINGS = {
+    "timeout_header",
+    "timeout_keep_alive",
+    "limit_concurrency",
+    "max_header_bytes",
+}
+
+
+def test_every_server_flag_reaches_the_replicas_or_is_refused_naming_it(
+    serve_ray: tuple[Callable[..., Any], list[tuple]],
+) -> None:
+    """``serve --ray`` drops no server flag: each one given alone either arrives in the
+    settings every replica gets, or (a connection setting) is a usage error naming it."""
+    from crossrank.options import option_fields
+    from crossrank.server import ServerSettings
+    from tests.server.helpers import other_setting_value
+
+    invoke, calls = serve_ray
+    reached: dict[str, tuple[str, object]] = {}
+    for field in option_fields(ServerSettings):
+        written, parsed = other_setting_value(field.default)
+        result = invoke("--ray", field.flag, written)
+        if field.name in CONNECTION_SETTINGS:
+            output = _flat(result.output)
+            assert result.exit_code == 2, (field.flag, output)
+            assert f"Invalid value for '{field.flag}'" in output, output
+            assert "cannot apply on Ray Serve" in output, output
+            continue
+        assert result.exit_code == 0, (field.flag, result.output)
+        args, _ = calls.pop()
+        assert getattr(args.server_settings(), field.name) == parsed, field.flag
+        reached[field.name] = (field.flag, written)
+    assert set(reached) == {
+        "api_key",
+        "max_docs",
+        "max_queue",
+        "request_timeout",
+        "served_model_name",
+        "timeout_body",
+    }
+    result = invoke("--ray", *(part for pair in reached.values() for part in pair))
+    assert result.exit_code == 0, result.output
+    (args, _), *others = calls
+    assert not others
+    settings = args.server_settings()
+    assert settings == ServerSettings(
+        api_key="sk-test-key",
+        max_docs=1001,
+        max_queue=10_001,
+        request_timeout=121.0,
+        served_model_name=("alias",),
+        timeout_body=61.0,
+    )
+    assert "sk-test-key" not in repr(args)
+
+
+def test_a_setting_that_cannot_reach_the_replicas_is_refused_not_dropped() -> None:
+    """Every ``ServerSettings`` field changed from its default either arrives in the
+    replicas' settings or is refused with an ``OptionError`` naming it: the connection
+    settings, and those without a config key (set only in code)."""
+    import dataclasses
+
+    from crossrank.errors import OptionError
+    from crossrank.ray import RerankAppArgs
+    from crossrank.server import ServerSettings
+    from tests.server.helpers import other_setting_value
+
+    refused = set()
+    for spec in dataclasses.fields(ServerSettings):
+        _, value = other_setting_value(spec.default)
+        settings = ServerSettings(**{spec.name: value})
+        try:
+            args = RerankAppArgs.from_options(settings, EngineOptions())
+        except OptionError as err:
+            assert err.param == spec.name
+            refused.add(spec.name)
+        else:
+            assert args.server_settings() == settings, spec.name
+    assert refused == CONNECTION_SETTINGS | {"max_body_bytes", "retry_after"}
+    with pytest.raises(OptionError) as err:  # an engine option without a config key
+        RerankAppArgs.from_options(ServerSettings(), EngineOptions(overlap_min_pairs=5))
+    assert err.value.param == "overlap_min_pairs"
+
+
+def test_a_replica_refuses_connection_settings_it_cannot_apply() -> None:
+    """Bound by hand (``RerankDeployment.bind(model, settings)``), the deployment refuses a
+    connection setting too, before loading anything."""
+    from crossrank.errors import OptionError
+    from crossrank.ray import RerankDeployment
+    from crossrank.server import ServerSettings
+
+    # the class under Serve's ingress wrapper (whose constructor is a coroutine for Serve)
+    replica = RerankDeployment.func_or_class.__mro__[1]
+    assert replica.__qualname__ == "RerankDeployment"
+    with pytest.raises(OptionError, match="timeout_keep_alive cannot apply on Ray Serve"):
+        replica("no/such-model", ServerSettings(timeout_keep_alive=30))
+
+
+def _documented_serve_config() -> dict:
+    """The Serve config file of docs/scale-out.md, as ``serve deploy`` reads it."""
+    import re
+    import textwrap
+
+    yaml = pytest.importorskip("yaml")
+    text = (Path(__file__).parents[2] / "docs" / "scale-out.md").read_text("utf-8")
+    [block] = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
+    return yaml.safe_load(textwrap.dedent(block))
+
+
+def test_a_serve_config_sets_the_server_settings_and_a_bad_one_is_named(
+    bound: list[tuple[tuple, dict]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    from crossrank.ray import build_app
+    from crossrank.server import ServerSettings
+
+    monkeypatch.delenv("CROSSRANK_API_KEY", raising=False)
+    monkeypatch.delenv("CROSSRANK_CACHE", raising=False)
+    [application] = _documented_serve_config()["applications"]
+    assert application["import_path"] == "crossrank.ray:build_app"
+    # no GPUs asked for (else build_app asks a Ray cluster whether it has any)
+    args = {**application["args"], "num_gpus": 0, "timeout_body": 20}
+    build_app(args)
+    [((model, settings, options), _)] = bound
+    assert model == "/models/bge-reranker-v2-m3" and options == EngineOptions(long_docs="chunk")
+    assert settings == ServerSettings(
+        served_model_name=("bge-reranker-v2-m3",),
+        max_docs=1000,
+        max_queue=10_000,
+        request_timeout=60,
+        timeout_body=20,
+    )
+    for bad, message in (
+        ({"max_docs": 0}, "max_docs must be a positive int, got 0"),
+        ({"max_docs": True}, "max_docs must not be true or false"),
+        ({"max_docs": 50, "max_queue": 49}, "max_queue=49 must be >= max_docs=50"),
+        ({"request_timeout": 0}, "request_timeout must be > 0 seconds"),
+        ({"timeout_body": "soon"}, "timeout_body\n  Input should be a valid number"),
+        ({"served_model_name": ["ok", " "]}, "served_model_name must be non-blank strings"),
+        ({"api_key": " "}, "api_key must not be empty"),
+        ({"timeout_keep_alive": 30}, "timeout_keep_alive cannot apply on Ray Serve"),
+        ({"max_header_bytes": 4096}, "max_header_bytes cannot apply on Ray Serve"),
+        ({"max_body_bytes": 1024}, "max_body_bytes\n  Extra inputs are not permitted"),
+    ):
+        with pytest.raises(ValidationError) as err:
+            build_app({**args, **bad, "api_key": bad.get("api_key", "sk-live-secret")})
+        assert message in str(err.value) and "sk-live-secret" not in str(err.value), bad
+    monkeypatch.setenv("CROSSRANK_API_KEY", "")  # set but empty where the app is built
+    with pytest.raises(ValidationError, match="api_key must not be empty"):
+        build_app(args)
+    assert len(bound) == 1

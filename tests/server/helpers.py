@@ -1,5 +1,5 @@
 """Shared pieces of the server tests: a reranker that records (and can slow or fail) its
-forward passes, and a Prometheus text parser."""
+forward passes, a Prometheus text parser, and other-than-default setting values."""
 
 from __future__ import annotations
 
@@ -63,3 +63,13 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def other_setting_value(default):
+    """A valid server setting other than ``default``, as a command line writes it, and as
+    parsed (for checking that each generated flag reaches the settings)."""
+    if default is None:  # the API key
+        return "sk-test-key", "sk-test-key"
+    if isinstance(default, tuple):
+        return "alias", ("alias",)
+    return str(default + 1), default + 1

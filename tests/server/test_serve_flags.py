@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from crossrank.cli import app
 from crossrank.options import option_fields
 from crossrank.server import ServerSettings, runner
+from tests.server.helpers import other_setting_value
 
 
 @pytest.fixture
@@ -66,21 +67,12 @@ def test_connection_flags_and_served_names(captured):
     assert (settings.limit_concurrency, settings.max_header_bytes) == (9, 4096)
 
 
-def _other_value(default):
-    """A valid value other than ``default``, as a command line writes it, and as parsed."""
-    if default is None:  # the API key
-        return "sk-test-key", "sk-test-key"
-    if isinstance(default, tuple):
-        return "alias", ("alias",)
-    return str(default + 1), default + 1
-
-
 def test_every_server_setting_with_a_flag_reaches_the_settings(captured):
     """The flags are generated from ``ServerSettings``: each field given on the command line
     arrives in the settings the server gets; fields without a flag keep their defaults."""
     args, expected = [], {}
     for field in option_fields(ServerSettings):
-        written, parsed = _other_value(field.default)
+        written, parsed = other_setting_value(field.default)
         args += [field.flag, written]
         expected[field.name] = parsed
     result = CliRunner().invoke(app, ["serve", *args])

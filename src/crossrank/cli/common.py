@@ -80,8 +80,12 @@ class FlagGroup:
         try:
             return self.build(**values)
         except OptionError as err:
-            flag = self.flag_of(err.param)
-            raise typer.BadParameter(str(err), param_hint=[flag] if flag else None) from None
+            raise self.usage_error(err) from None
+
+    def usage_error(self, err: OptionError) -> typer.BadParameter:
+        """A usage error (exit 2) with ``err``'s message, naming the flag of its field."""
+        flag = self.flag_of(err.param)
+        return typer.BadParameter(str(err), param_hint=[flag] if flag else None)
 
 
 def flags_command(group: FlagGroup) -> Callable[[Callable[..., None]], Callable[..., None]]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from crossrank.cli.common import FlagGroup, Model, engine_command, flags_command
-from crossrank.errors import MissingExtraError, require_extra
+from crossrank.errors import MissingExtraError, OptionError, require_extra
 from crossrank.options import DEFAULT_MODEL, EngineOptions, option_fields
 from crossrank.quiet import quiet_third_party
 from crossrank.server.settings import ServerSettings, api_key_from_env
@@ -122,23 +122,19 @@ def _serve_on_ray(
     settings: ServerSettings,
     engine: EngineOptions,
 ) -> None:
-    """``serve --ray``: the same options, one engine per Ray Serve replica."""
+    """``serve --ray``: the same options, one engine per Ray Serve replica. A setting that a
+    replica cannot apply (a connection limit: Ray's proxy holds the connections) is a usage
+    error naming its flag when it is not at its default, never dropped."""
     from pydantic import ValidationError
 
     from crossrank.ray import RerankAppArgs, run_app
 
-    values = {
-        "model": model,
-        "replicas": replicas,
-        "autoscale": autoscale,
-        "api_key": settings.api_key,
-        "max_docs": settings.max_docs,
-        "max_queue": settings.max_queue,
-        "request_timeout": settings.request_timeout,
-        **{field.key: getattr(engine, field.name) for field in option_fields()},
-    }
     try:
-        args = RerankAppArgs.model_validate(values)
+        args = RerankAppArgs.from_options(
+            settings, engine, model=model, replicas=replicas, autoscale=autoscale
+        )
+    except OptionError as err:
+        raise SERVER_FLAGS.usage_error(err) from None
     except ValidationError as err:
         problems = "; ".join(
             ": ".join([*(".".join(map(str, e["loc"])) for _ in e["loc"][:1]), e["msg"]])

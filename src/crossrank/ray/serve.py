@@ -2,26 +2,34 @@
 ``crossrank serve``), :class:`RerankAppArgs` (its options, as a Serve config file or
 ``crossrank serve --ray`` gives them) and :func:`build_app` / :func:`run_app`.
 
-The engine options of :class:`RerankAppArgs` are generated from
-:func:`crossrank.options.option_fields` and checked by building an
-:class:`~crossrank.options.EngineOptions`, so a config file takes exactly the options the
-engine has, under the flat keys the command line uses (``max_batch_tokens``, ``long_docs``).
+The engine options and server settings of :class:`RerankAppArgs` are generated from
+:func:`crossrank.options.option_fields` (of :class:`~crossrank.options.EngineOptions` and
+:class:`~crossrank.server.settings.ServerSettings`) and checked by building those types, so a
+config file takes exactly the options ``crossrank serve`` has, under the flat keys its flags
+use (``max_batch_tokens``, ``long_docs``, ``served_model_name``), and a bad value is named.
+Before, the server settings were declared here again by hand and ``serve --ray`` passed on
+only four of them: ``--served-model-name`` and the timeouts were silently dropped. The
+settings that the HTTP server holding the connections applies (header and keep-alive
+timeouts, connection limit, header size) cannot apply behind Ray's proxy, so a value other
+than the default is refused, never ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import threading
-from typing import Any, cast
+from typing import Annotated, Any, cast, get_origin
 
 import numpy as np
 import ray
 from fastapi import FastAPI
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeFloat,
@@ -35,10 +43,11 @@ from pydantic import (
 from ray import serve
 
 from crossrank.engine import Reranker
+from crossrank.errors import OptionError
 from crossrank.options import DEFAULT_MODEL, EngineOptions, OptionField, option_fields
 from crossrank.ray.cluster import cluster_has_gpus
 from crossrank.result import RerankResult, to_results
-from crossrank.server.settings import ServerSettings
+from crossrank.server.settings import CONNECTION_SETTINGS, ServerSettings
 from crossrank.validation import check_documents, check_query, check_top_n
 
 logger = logging.getLogger(__name__)
@@ -48,8 +57,6 @@ __all__ = ["APP_NAME", "RerankAppArgs", "RerankDeployment", "build_app", "run_ap
 #: Requests one replica works on at once (Serve's default of 5 would starve the engine's
 #: batching; the engine's own queue limit still answers 429 beyond ``max_queue`` pairs).
 _MAX_ONGOING = 64
-#: Where the API key comes from when a config file does not give it.
-API_KEY_ENV = "CROSSRANK_API_KEY"
 
 
 # ------------------------------------------------------------------------------ Ray Serve
@@ -81,6 +88,7 @@ class RerankDeployment:
         **overrides: Any,
     ) -> None:
         self.settings = settings or ServerSettings()
+        refuse_connection_settings(self.settings)  # Serve's proxy holds the connections
         self.reranker = Reranker(model, options, **overrides)
         self.reranker.warmup()
         self.http_app: FastAPI | None = None
@@ -124,30 +132,47 @@ class RerankDeployment:
         return np.split(scores, ends[:-1])
 
 
-def _env_secret(name: str | None) -> SecretStr | None:
+def _env_secret(name: str | None, *, keep_empty: bool) -> SecretStr | None:
+    """``$name``, read where the app is built; an empty value is unset unless ``keep_empty``
+    (then the setting's own check refuses it: fail closed)."""
     value = os.environ.get(name) if name else None
-    return SecretStr(value) if value else None
+    return SecretStr(value) if value or (keep_empty and value is not None) else None
 
 
-def _env_api_key() -> SecretStr | None:
-    """``$CROSSRANK_API_KEY``, an empty value included (refused by the schema: fail closed)."""
-    value = os.environ.get(API_KEY_ENV)
-    return None if value is None else SecretStr(value)
+def _refuse_bool(name: str, value: Any) -> Any:
+    """A number field must not take ``true``: lax parsing would read it as 1."""
+    if isinstance(value, bool):
+        raise OptionError(name, f"{name} must not be true or false, got {value!r}")
+    return value
 
 
-def _engine_field(option: OptionField) -> tuple[Any, Any]:
-    """The schema field of one engine option; a secret one is a ``SecretStr`` that defaults
-    to its environment variable, read where the app is built."""
+def _one_as_list(value: Any) -> Any:
+    """A repeatable setting given one plain string (``served_model_name: alias``)."""
+    return [value] if isinstance(value, str) else value
+
+
+def _schema_field(option: OptionField, *, keep_empty_env: bool = False) -> tuple[Any, Any]:
+    """The schema field of one option, under the option's own type; a secret one is a
+    ``SecretStr`` that defaults to its environment variable, read where the app is built."""
     if option.secret:
-        default = Field(
-            default_factory=functools.partial(_env_secret, option.envvar),
-            description=f"{option.help} (default: ${option.envvar}; kept secret)",
+        from_env = Field(
+            default_factory=functools.partial(
+                _env_secret, option.envvar, keep_empty=keep_empty_env
+            ),
+            description=f"{option.help} (default: ${option.envvar}, read where the app is "
+            "built, so a config file need not hold it; kept secret)",
         )
-        return SecretStr | None, default
-    annotation = option.annotation
+        return SecretStr | None, from_env
+    annotation, default = option.annotation, option.default
     if option.name == "device":  # one device, or a list of them (one engine each)
         annotation = str | list[str]
-    return annotation, Field(option.default, description=option.help)
+    elif get_origin(annotation) is list:  # a repeatable flag (its default is a tuple)
+        annotation = Annotated[annotation, BeforeValidator(_one_as_list)]
+        default = list(default)
+    elif annotation is not bool:
+        refuse_bool = functools.partial(_refuse_bool, option.key)
+        annotation = Annotated[annotation, BeforeValidator(refuse_bool)]
+    return annotation, Field(default, description=option.help)
 
 
 class _AppArgsBase(BaseModel):
@@ -155,19 +180,54 @@ class _AppArgsBase(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
 
-#: One field per engine option, under its config key (generated: never declared twice).
-_EngineArgs: type[BaseModel] = create_model(  # type: ignore[call-overload]
-    "_EngineArgs",
+#: The generated part of the schema: every engine option and every server setting that has a
+#: flag, each under its config key (a name in both would be a TypeError here, at import).
+_ENGINE_FIELDS = tuple(option_fields())
+_SERVER_FIELDS = tuple(option_fields(ServerSettings))
+_OptionArgs: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "_OptionArgs",
     __base__=_AppArgsBase,
-    **{option.key: _engine_field(option) for option in option_fields()},
+    **{option.key: _schema_field(option) for option in _ENGINE_FIELDS},
+    **{option.key: _schema_field(option, keep_empty_env=True) for option in _SERVER_FIELDS},
 )
 
 
-class RerankAppArgs(_EngineArgs):  # type: ignore[misc,valid-type]
+def refuse_connection_settings(settings: ServerSettings) -> None:
+    """Raise :class:`~crossrank.errors.OptionError` for a connection setting
+    (:data:`~crossrank.server.settings.CONNECTION_SETTINGS`) other than its default: on Ray
+    Serve, Ray's HTTP proxy holds the client connections, so crossrank could not apply it
+    (fail closed rather than ignore it)."""
+    defaults = ServerSettings()
+    for name in CONNECTION_SETTINGS:
+        if getattr(settings, name) != getattr(defaults, name):
+            raise OptionError(
+                name,
+                f"{name} cannot apply on Ray Serve: Ray's HTTP proxy, not crossrank, holds the "
+                "client connections; set connection limits on the proxy (Serve's http_options, "
+                "e.g. keep_alive_timeout_s) or on the load balancer in front of it",
+            )
+
+
+def _differing(given: Any, kept: Any) -> list[str]:
+    """The fields of dataclass ``given`` whose value ``kept`` does not have."""
+    return [
+        f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(kept, f.name)
+    ]
+
+
+class RerankAppArgs(_OptionArgs):  # type: ignore[misc,valid-type]
     """What :func:`build_app` builds: the options of ``crossrank serve --ray``, and the
     ``args`` of a Serve config file (``import_path: crossrank.ray:build_app``): the replica
-    and server settings below plus every engine option (``long_docs``, ``max_batch_tokens``,
-    ``cache``...; see :class:`~crossrank.options.EngineOptions`)."""
+    options below, every engine option (``long_docs``, ``max_batch_tokens``, ``cache``...; see
+    :class:`~crossrank.options.EngineOptions`) and every server setting with a flag
+    (``api_key``, ``served_model_name``, ``max_docs``, ``max_queue``, timeouts...; see
+    :class:`~crossrank.server.settings.ServerSettings`), checked by building those types.
+
+    The connection settings (``timeout_header``, ``timeout_keep_alive``,
+    ``limit_concurrency``, ``max_header_bytes``) are refused unless left at their defaults:
+    Ray's HTTP proxy, not the replicas, holds the connections
+    (:func:`refuse_connection_settings`).
+    """
 
     model: str = Field(DEFAULT_MODEL, description="Hub id or local directory on every node.")
     replicas: PositiveInt | None = Field(None, description="A fixed number of replicas (1).")
@@ -181,9 +241,6 @@ class RerankAppArgs(_EngineArgs):  # type: ignore[misc,valid-type]
         None, description="GPUs per replica (default 1 on a cluster with GPUs, else 0)."
     )
     num_cpus: NonNegativeFloat = Field(1, description="CPUs per replica.")
-    max_docs: PositiveInt = 1000
-    max_queue: PositiveInt = 10_000
-    request_timeout: PositiveFloat = 120.0
     drain_seconds: float = Field(
         5.0,
         ge=0,
@@ -192,19 +249,30 @@ class RerankAppArgs(_EngineArgs):  # type: ignore[misc,valid-type]
         "503 (with Retry-After) before the application is deleted, so load balancers take it "
         "out and in-flight requests finish (a second signal cuts it short).",
     )
-    api_key: SecretStr | None = Field(
-        default_factory=lambda: _env_api_key(),
-        validate_default=True,
-        description=f"Require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, read "
-        "where the app is built, so a config file need not hold the secret).",
-    )
 
-    @field_validator("api_key")
     @classmethod
-    def _refuse_blank_key(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().strip():
-            raise ValueError("api_key is set but empty; set a key, or unset it to disable auth")
-        return value
+    def from_options(
+        cls, settings: ServerSettings, engine: EngineOptions, **replica: Any
+    ) -> RerankAppArgs:
+        """The args that serve with ``settings`` and ``engine`` (what ``crossrank serve``
+        has) plus the ``replica`` options (``model``, ``replicas``, ``autoscale``...).
+
+        Raises :class:`~crossrank.errors.OptionError` naming a setting or option that a Ray
+        Serve app cannot carry (a connection setting, or one with no config key, such as
+        ``max_body_bytes``) when it is not at its default: nothing is dropped silently.
+        """
+        refuse_connection_settings(settings)
+        values = {f.key: getattr(engine, f.name) for f in _ENGINE_FIELDS}
+        values |= {f.key: getattr(settings, f.name) for f in _SERVER_FIELDS}
+        args = cast(RerankAppArgs, cls.model_validate({**replica, **values}))
+        dropped = _differing(settings, args.server_settings())
+        dropped += _differing(engine, args.engine_options())
+        if dropped:
+            raise OptionError(
+                dropped[0],
+                f"{', '.join(dropped)}: no config key on Ray Serve; leave at the default",
+            )
+        return args
 
     @field_validator("autoscale", mode="before")
     @classmethod
@@ -227,21 +295,31 @@ class RerankAppArgs(_EngineArgs):  # type: ignore[misc,valid-type]
         return self
 
     @model_validator(mode="after")
-    def _check_engine(self) -> RerankAppArgs:
-        """The engine's own checks, so a bad option fails here rather than in every replica
-        (an ``OptionError`` is a ``ValueError``: pydantic reports it under this model)."""
+    def _check_options(self) -> RerankAppArgs:
+        """The engine's and the server's own checks, so a bad value fails here, named, rather
+        than in every replica (an ``OptionError`` is a ``ValueError``: pydantic reports it
+        under this model)."""
         self.engine_options()
+        self.server_settings()
         return self
 
     def engine_options(self) -> EngineOptions:
         """The engine options of every replica (secrets revealed: only for the engine)."""
-        values: dict[str, Any] = {}
-        for option in option_fields():
-            value = getattr(self, option.key)
-            values[option.name] = (
-                value.get_secret_value() if isinstance(value, SecretStr) else value
-            )
-        return EngineOptions(**values)
+        return EngineOptions(**self._revealed(_ENGINE_FIELDS))
+
+    def server_settings(self) -> ServerSettings:
+        """The server settings of every replica (the API key revealed: only for the server);
+        a connection setting other than its default is refused."""
+        settings = ServerSettings(**self._revealed(_SERVER_FIELDS))
+        refuse_connection_settings(settings)
+        return settings
+
+    def _revealed(self, fields: tuple[OptionField, ...]) -> dict[str, Any]:
+        values = {option.name: getattr(self, option.key) for option in fields}
+        return {
+            name: value.get_secret_value() if isinstance(value, SecretStr) else value
+            for name, value in values.items()
+        }
 
 
 def build_app(args: RerankAppArgs | dict[str, Any] | None = None) -> serve.Application:
@@ -267,17 +345,11 @@ def build_app(args: RerankAppArgs | dict[str, Any] | None = None) -> serve.Appli
         }
     else:
         scaling = {"num_replicas": args.replicas or 1}
-    settings = ServerSettings(
-        api_key=args.api_key.get_secret_value() if args.api_key is not None else None,
-        max_docs=args.max_docs,
-        max_queue=args.max_queue,
-        request_timeout=args.request_timeout,
-    )
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     deployment = cast(serve.Deployment, RerankDeployment).options(
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": num_gpus}, **scaling
     )
-    return deployment.bind(model, settings, args.engine_options())
+    return deployment.bind(model, args.server_settings(), args.engine_options())
 
 
 APP_NAME = "crossrank"

@@ -23,6 +23,17 @@ from crossrank.options import check_fields, option, positive_int
 
 API_KEY_ENV = "CROSSRANK_API_KEY"
 
+#: The settings that the HTTP server holding the client connections applies (uvicorn, through
+#: :mod:`crossrank.server.connections`), not the app: a front door whose connections are held
+#: by someone else (Ray Serve's HTTP proxy) cannot honour them. The others are applied by the
+#: app (:func:`crossrank.server.create_app`) and hold wherever it runs.
+CONNECTION_SETTINGS = (
+    "timeout_header",
+    "timeout_keep_alive",
+    "limit_concurrency",
+    "max_header_bytes",
+)
+
 
 def _positive_seconds(*, optional: bool = False) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
