@@ -112,7 +112,7 @@ class LlmBench:
         per_lang, per_query = (1, 4) if args.quick else (20, 50)
         self.work = load_workload(shared, per_lang, per_query, per_query)
         self.bulk = self.work.bulk
-        self.repeats = 1 if args.quick else 3
+        self.repeats = 1 if args.quick else args.repeats
         self.peak = measure_peak(self.device)
         self.rows: list[Row] = []
         self.out = args.out
@@ -338,7 +338,7 @@ class LlmBench:
         label = kind if not args.quick else f"{kind} (tiny)"
         self.guarded(f"padded references {label}", lambda: self.references(model_dir))
         self.guarded(f"crossrank {label}", lambda: self.crossrank(model_dir, label))
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and kind in args.ablation.split(","):
             self.guarded(
                 f"crossrank {label}, no shared prefix",
                 lambda: self.crossrank(model_dir, label, share_prefix=False),
@@ -381,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peers", default="0.6b,gemma", help="shapes that also get the peers' rows"
     )
+    parser.add_argument(
+        "--ablation", default="0.6b,gemma", help="shapes that also run without the shared prefix"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="bulk runs per system (best)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true", help="tiny models on CPU, seconds")
     parser.add_argument("--out", help="also write the table here")
