@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,8 @@ from crossrank.testing import SKELETON, shared_dir
 from crossrank.tokenization import PairTokenizer
 
 QUERY = "Which river flows through the city?"
+REF, AGAIN = "512 tokens", " (again)"
+PERCENTILE = 10
 SIZES = {"2k chars": 2_000, "8k chars": 8_000, "32k chars": 32_000, "1M chars": 1_000_000}
 
 
@@ -63,22 +66,63 @@ def documents(texts: list[str], size: int, count: int) -> list[str]:
     return docs
 
 
-def cpu_per_pair(fn: Callable[[], object], pairs: int, min_seconds: float = 0.5) -> float:
-    """CPU seconds per pair of ``fn``: the fastest of the calls made in ``min_seconds``
-    after one warm-up (the least disturbed by other work on a shared machine)."""
-    fn()
-    times: list[float] = []
-    while sum(times) < min_seconds or len(times) < 3:
-        start = time.process_time()
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, np.ndarray]:
+    """CPU seconds of each of ``rounds`` calls of each case. The cases take turns, in a new
+    random order every round, so that other work on a shared machine slows every case alike
+    rather than whichever ran while it did; one warm-up call each first."""
+    for fn in cases.values():
         fn()
-        times.append(time.process_time() - start)
-    return min(times) / pairs
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    order, rng = list(cases), random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            start = time.process_time()
+            cases[name]()
+            times[name].append(time.process_time() - start)
+    return {name: np.asarray(t) for name, t in times.items()}
+
+
+def low(calls: np.ndarray, pairs: int) -> float:
+    """CPU seconds per pair at the 10th percentile of the calls: those least slowed by other
+    work, and less of a lucky draw than the fastest one."""
+    return float(np.percentile(calls, PERCENTILE)) / pairs
+
+
+def table(after: dict[str, np.ndarray], before: dict[str, tuple[np.ndarray, int]], pairs: int):
+    """Markdown table: ms/pair and ratio to the 512-token documents before and after the
+    cut, with the spread of the after ratio (from the fastest calls, and the 10th-90th
+    percentile of each call's ratio to the reference call of its round)."""
+    ref_after = low(after[REF], pairs)
+    ref_before = low(*before[REF])
+    lines = [
+        "| document | before: ms/pair | ratio | after: ms/pair | ratio "
+        "| ratio of fastest calls | same-round ratios p10-p90 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, calls in after.items():
+        cells = ["-", "-"]
+        if name in before:
+            b = low(*before[name])
+            cells = [f"{b * 1e3:.3f}", f"{b / ref_before:.2f}x"]
+        a = low(calls, pairs)
+        spread = np.percentile(calls / after[REF], [10, 90])
+        cells += [
+            f"{a * 1e3:.3f}",
+            f"{a / ref_after:.2f}x",
+            f"{calls.min() / after[REF].min():.2f}x",
+            f"{spread[0]:.2f}-{spread[1]:.2f}x",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chars-per-token", action="store_true")
     parser.add_argument("--pairs", type=int, default=50, help="documents per call")
+    parser.add_argument("--rounds", type=int, default=100, help="calls per size, after the cut")
+    parser.add_argument("--rounds-before", type=int, default=3, help="calls per size, full text")
     args = parser.parse_args(argv)
     shared = shared_dir()
     if shared is None:
@@ -89,35 +133,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     texts = paragraphs(shared, "en")
     encoder = PairTokenizer(hf, max_length=512, query_max_length=384)
-    backend = hf.backend_tokenizer
+    backend = AutoTokenizer.from_pretrained(shared / SKELETON).backend_tokenizer  # its own
+    backend.enable_truncation(512, strategy="only_second")
     queries = [QUERY] * args.pairs
     long_text = documents(texts, 40_000, args.pairs)
-    base = [encoder.cap_documents([doc], 512 - 15)[0] for doc in long_text]  # 512-token pairs
+    docs = {REF: [encoder.cap_documents([doc], 512 - 15)[0] for doc in long_text]}
+    docs |= {name: documents(texts, n, args.pairs) for name, n in SIZES.items()}
 
-    def before(docs: list[str]) -> Callable[[], object]:
-        pairs = list(zip(queries, docs, strict=False))
+    def full_text(pairs: list[tuple[str, str]]) -> Callable[[], object]:
+        return lambda: backend.encode_batch_fast(pairs)
 
-        def run() -> object:
-            backend.enable_truncation(512, strategy="only_second")
-            return backend.encode_batch_fast(pairs)
-
-        return run
-
-    rows = [("512 tokens", base)] + [
-        (name, documents(texts, n, args.pairs)) for name, n in SIZES.items()
-    ]
-    ref_before = cpu_per_pair(before(base), args.pairs)
-    ref_after = cpu_per_pair(lambda: encoder.encode(queries, base), args.pairs)
-    print("| document | before: ms/pair | ratio | after: ms/pair | ratio |")
-    print("|---|---|---|---|---|")
-    for name, docs in rows:
-        few = max(2, min(len(docs), 400_000 // max(len(d) for d in docs)))  # full text is slow
-        b = cpu_per_pair(before(docs[:few]), few)
-        a = cpu_per_pair(lambda docs=docs: encoder.encode(queries, docs), args.pairs)
-        print(
-            f"| {name} | {b * 1e3:.3f} | {b / ref_before:.2f}x | {a * 1e3:.3f} | "
-            f"{a / ref_after:.2f}x |"
-        )
+    # The full text of a long document is slow: fewer of them per call.
+    few = {name: max(2, min(args.pairs, 400_000 // max(map(len, d)))) for name, d in docs.items()}
+    full = {
+        name: full_text(list(zip(queries[: few[name]], d[: few[name]], strict=True)))
+        for name, d in docs.items()
+    }
+    before = {name: (c, few[name]) for name, c in interleaved(full, args.rounds_before).items()}
+    cases = {name: (lambda d=d: encoder.encode(queries, d)) for name, d in docs.items()}
+    cases[REF + AGAIN] = cases[REF]  # the same call again: how far noise moves a ratio
+    after = interleaved(cases, args.rounds)
+    print(table(after, before, args.pairs))
     return 0
 
 
