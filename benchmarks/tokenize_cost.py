@@ -3,15 +3,23 @@
 crossrank cuts a document's text, before tokenizing, to what the pair can use
 (:mod:`crossrank.tokenization`). This measures what that buys: tokenization CPU time per
 (query, document) pair with the real XLM-R tokenizer (bge-reranker-v2-m3, from
-``$CROSSRANK_SHARED`` or ``../shared``) at ``max_length=512`` for English documents of 512
-tokens and of 2k, 8k, 32k and 1M characters (XQuAD-R paragraphs joined), as a ratio to the
-512-token documents. "before" tokenizes the full text (the Rust tokenizer's truncating pair
-call, what crossrank did until the cut); "after" is ``PairTokenizer.encode``. CPU time is
-``time.process_time`` (every thread of the process; the fastest of repeated calls), so it
-does not depend on how many cores run it; the bar is "after" within 1.3x of the 512-token documents however long.
+``$CROSSRANK_SHARED`` or ``../shared``) at ``max_length=512``, 50 pairs a call, for
+documents of 512 tokens and of 2k to 1M characters (XQuAD-R paragraphs joined), English and
+Chinese, as a ratio to the 512-token documents of the same language. "before" tokenizes the
+full text (the Rust tokenizer's truncating pair call, what crossrank did until the cut);
+"after" is ``PairTokenizer.encode``. The bar: "after" within 1.3x of the 512-token documents,
+however long.
 
-    python benchmarks/tokenize_cost.py                  # the table (about a minute)
-    python benchmarks/tokenize_cost.py --chars-per-token   # the measured constant's source
+CPU time is ``time.process_time`` (every thread of the process), so it does not depend on
+how many cores run it. On a shared machine one call's CPU time still moves by +-30 % (caches
+and cores shared with other work), so the sizes take turns call by call, in a new random
+order each round, and a row reports the 10th percentile of its calls; the spread columns
+give the ratio of the fastest calls and the 10th-90th percentile of the ratios to the
+reference call of the same round, and a second, identical 512-token row shows how far noise
+alone moves a ratio.
+
+    python benchmarks/tokenize_cost.py                     # the table (about a minute of CPU)
+    python benchmarks/tokenize_cost.py --chars-per-token   # the measured constants' source
 """
 
 from __future__ import annotations
@@ -27,12 +35,22 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from crossrank.testing import SKELETON, shared_dir
-from crossrank.tokenization import PairTokenizer
+from crossrank.tokenization import (
+    CHARS_PER_TOKEN,
+    DENSE_CHARS_PER_TOKEN,
+    DENSE_FROM,
+    PairTokenizer,
+)
 
 QUERY = "Which river flows through the city?"
-REF, AGAIN = "512 tokens", " (again)"
+REF, AGAIN = "512 tokens", "512 tokens (again)"
 PERCENTILE = 10
-SIZES = {"2k chars": 2_000, "8k chars": 8_000, "32k chars": 32_000, "1M chars": 1_000_000}
+SIZES = {
+    "en": {"2k chars": 2_000, "8k chars": 8_000, "32k chars": 32_000, "1M chars": 1_000_000},
+    "zh": {"8k chars": 8_000, "1M chars": 1_000_000},
+}
+#: Characters of full text per "before" call: long documents are slow uncut, so fewer per call.
+BEFORE_CHARS = 400_000
 
 
 def paragraphs(shared: Path, lang: str) -> list[str]:
@@ -41,15 +59,22 @@ def paragraphs(shared: Path, lang: str) -> list[str]:
 
 
 def chars_per_token(shared: Path, tokenizer) -> None:
-    """Print the distribution that CHARS_PER_TOKEN is chosen from."""
+    """Print the distributions that CHARS_PER_TOKEN and DENSE_CHARS_PER_TOKEN are chosen
+    from: characters per token of single paragraphs, and their real token count over the
+    cut's estimate (below 1: the first cut would be too short)."""
     for lang in ("en", "zh"):
         texts = paragraphs(shared, lang)
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ratio = np.array([len(t) / len(i) for t, i in zip(texts, ids, strict=True)])
+        counts = np.array([len(i) for i in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+        chars = np.array([len(t) for t in texts])
+        dense = np.array([sum(ord(c) >= DENSE_FROM for c in t) for t in texts])
+        ratio = chars / counts
         p50, p90, p99 = np.percentile(ratio, [50, 90, 99])
+        real = counts / ((chars - dense) / CHARS_PER_TOKEN + dense / DENSE_CHARS_PER_TOKEN)
         print(
-            f"{lang}: {len(texts)} paragraphs, chars/token mean {ratio.mean():.2f} "
-            f"p50 {p50:.2f} p90 {p90:.2f} p99 {p99:.2f} max {ratio.max():.2f}"
+            f"{lang}: {len(texts)} paragraphs, {dense.sum() / chars.sum():.0%} dense characters; "
+            f"chars/token mean {ratio.mean():.2f} p50 {p50:.2f} p90 {p90:.2f} p99 {p99:.2f} "
+            f"max {ratio.max():.2f}; real/estimated tokens mean {real.mean():.2f} "
+            f"p1 {np.percentile(real, 1):.2f} min {real.min():.2f}"
         )
 
 
@@ -89,40 +114,53 @@ def low(calls: np.ndarray, pairs: int) -> float:
     return float(np.percentile(calls, PERCENTILE)) / pairs
 
 
-def table(after: dict[str, np.ndarray], before: dict[str, tuple[np.ndarray, int]], pairs: int):
-    """Markdown table: ms/pair and ratio to the 512-token documents before and after the
-    cut, with the spread of the after ratio (from the fastest calls, and the 10th-90th
-    percentile of each call's ratio to the reference call of its round)."""
-    ref_after = low(after[REF], pairs)
-    ref_before = low(*before[REF])
+def table(
+    after: dict[str, np.ndarray], before: dict[str, tuple[np.ndarray, int]], pairs: int
+) -> str:
+    """Markdown table: ms/pair and the ratio to the 512-token documents of the same language
+    (cases are named "LANG SIZE"), before and after the cut, with the spread of the after
+    ratio."""
     lines = [
         "| document | before: ms/pair | ratio | after: ms/pair | ratio "
         "| ratio of fastest calls | same-round ratios p10-p90 |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, calls in after.items():
+        ref = f"{name.split()[0]} {REF}"
         cells = ["-", "-"]
         if name in before:
             b = low(*before[name])
-            cells = [f"{b * 1e3:.3f}", f"{b / ref_before:.2f}x"]
+            cells = [f"{b * 1e3:.3f}", f"{b / low(*before[ref]):.2f}x"]
         a = low(calls, pairs)
-        spread = np.percentile(calls / after[REF], [10, 90])
+        spread = np.percentile(calls / after[ref], [10, 90])
         cells += [
             f"{a * 1e3:.3f}",
-            f"{a / ref_after:.2f}x",
-            f"{calls.min() / after[REF].min():.2f}x",
+            f"{a / low(after[ref], pairs):.2f}x",
+            f"{calls.min() / after[ref].min():.2f}x",
             f"{spread[0]:.2f}-{spread[1]:.2f}x",
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def workload(shared: Path, encoder: PairTokenizer, pairs: int) -> dict[str, list[str]]:
+    """The documents of each case, by name: 512-token documents (long ones capped to 497
+    tokens, which with the query fill 512) and the sizes of ``SIZES``, per language."""
+    docs: dict[str, list[str]] = {}
+    for lang, sizes in SIZES.items():
+        texts = paragraphs(shared, lang)
+        long_text = documents(texts, 40_000, pairs)
+        docs[f"{lang} {REF}"] = [encoder.cap_documents([d], 512 - 15)[0] for d in long_text]
+        docs |= {f"{lang} {name}": documents(texts, n, pairs) for name, n in sizes.items()}
+    return docs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chars-per-token", action="store_true")
     parser.add_argument("--pairs", type=int, default=50, help="documents per call")
-    parser.add_argument("--rounds", type=int, default=100, help="calls per size, after the cut")
-    parser.add_argument("--rounds-before", type=int, default=3, help="calls per size, full text")
+    parser.add_argument("--rounds", type=int, default=60, help="calls per case, after the cut")
+    parser.add_argument("--rounds-before", type=int, default=3, help="calls per case, full text")
     args = parser.parse_args(argv)
     shared = shared_dir()
     if shared is None:
@@ -131,29 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.chars_per_token:
         chars_per_token(shared, hf)
         return 0
-    texts = paragraphs(shared, "en")
     encoder = PairTokenizer(hf, max_length=512, query_max_length=384)
+    docs = workload(shared, encoder, args.pairs)
+    queries = [QUERY] * args.pairs
     backend = AutoTokenizer.from_pretrained(shared / SKELETON).backend_tokenizer  # its own
     backend.enable_truncation(512, strategy="only_second")
-    queries = [QUERY] * args.pairs
-    long_text = documents(texts, 40_000, args.pairs)
-    docs = {REF: [encoder.cap_documents([doc], 512 - 15)[0] for doc in long_text]}
-    docs |= {name: documents(texts, n, args.pairs) for name, n in SIZES.items()}
 
-    def full_text(pairs: list[tuple[str, str]]) -> Callable[[], object]:
+    def full_text(texts: list[str]) -> Callable[[], object]:
+        pairs = list(zip(queries, texts, strict=False))
         return lambda: backend.encode_batch_fast(pairs)
 
-    # The full text of a long document is slow: fewer of them per call.
-    few = {name: max(2, min(args.pairs, 400_000 // max(map(len, d)))) for name, d in docs.items()}
-    full = {
-        name: full_text(list(zip(queries[: few[name]], d[: few[name]], strict=True)))
-        for name, d in docs.items()
-    }
+    few = {n: max(2, min(args.pairs, BEFORE_CHARS // max(map(len, d)))) for n, d in docs.items()}
+    full = {name: full_text(d[: few[name]]) for name, d in docs.items()}
     before = {name: (c, few[name]) for name, c in interleaved(full, args.rounds_before).items()}
-    cases = {name: (lambda d=d: encoder.encode(queries, d)) for name, d in docs.items()}
-    cases[REF + AGAIN] = cases[REF]  # the same call again: how far noise moves a ratio
-    after = interleaved(cases, args.rounds)
-    print(table(after, before, args.pairs))
+    cases: dict[str, Callable[[], object]] = {}
+    for name, d in docs.items():
+        cases[name] = lambda d=d: encoder.encode(queries, d)
+        if name == f"en {REF}":  # the same call again: how far noise alone moves a ratio
+            cases[f"en {AGAIN}"] = cases[name]
+    print(table(interleaved(cases, args.rounds), before, args.pairs))
     return 0
 
 

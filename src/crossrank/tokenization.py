@@ -42,12 +42,12 @@ distinct XQuAD-R paragraphs, 240 per language (``python benchmarks/tokenize_cost
 5.0 is above 97 % of single paragraphs (a document of several averages out towards the
 mean), so a cut of prose rarely needs its second try, and it keeps ~1.2x the characters of a
 document of exactly the tokens used. Chinese: 85 % dense characters, 1.49 characters per
-token; with 1.8 per dense character (5.0 per other one) the estimate is below the real
-count for every paragraph (real / estimated: mean 1.35, min 1.07); Chinese alone would allow
-1.6, but Japanese, kanji mixed with kana, is sparser (1.77 characters per token in a sample
-sentence).
-Scripts sparser than 5.0 characters per token (Russian prose of common words reaches 7)
-take the second try, sized from the first.
+token (p99 1.96); 1.6 per dense character (5.0 per other one) gives an estimate as safe as
+5.0 is for English: real / estimated tokens of single paragraphs mean 1.21, p1 0.97, min
+0.96 (English at 5.0: mean 1.16, p1 0.95, min 0.88). Text sparser than these constants
+(Russian prose of common words reaches 7 characters per token; Japanese, kanji mixed with
+kana, 1.77 in a sample sentence; neither is in the data measured) often takes the second
+try, sized from the first: about twice the characters used in all.
 """
 
 from __future__ import annotations
@@ -68,11 +68,11 @@ from transformers import PreTrainedTokenizerBase
 from crossrank.validation import scrub_surrogates
 
 #: Characters a cut keeps per token it must yield (measured, see the module docstring): for
-#: most scripts, and for the dense ones (code points from ``_DENSE_FROM`` up: CJK, kana,
-#: hangul, emoji), which yield a token every two characters or so.
+#: most scripts, and for the dense ones (code points from ``DENSE_FROM`` up: CJK, kana,
+#: hangul, emoji), which yield a token every one or two characters.
 CHARS_PER_TOKEN = 5.0
-DENSE_CHARS_PER_TOKEN = 1.8
-_DENSE_FROM = 0x2E80
+DENSE_CHARS_PER_TOKEN = 1.6
+DENSE_FROM = 0x2E80
 #: Tokens a cut text must yield beyond those used, so that the ones used are unaffected by
 #: where the cut lands (a word cut in two re-tokenizes only its own end).
 CUT_MARGIN_TOKENS = 16
@@ -318,11 +318,11 @@ def first_limit(text: str, tokens: int) -> int:
     DENSE_CHARS_PER_TOKEN`` of them."""
     budget = char_budget(tokens)
     window = text[:budget]
-    if window.isascii() or ord(max(window)) < _DENSE_FROM:  # no scan in the common case
+    if window.isascii() or ord(max(window)) < DENSE_FROM:  # no scan in the common case
         return budget
     # surrogatepass: lone surrogates are scrubbed after the cut
     points = np.frombuffer(window.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    weights = np.where(points >= _DENSE_FROM, CHARS_PER_TOKEN / DENSE_CHARS_PER_TOKEN, 1.0)
+    weights = np.where(points >= DENSE_FROM, CHARS_PER_TOKEN / DENSE_CHARS_PER_TOKEN, 1.0)
     return int(np.searchsorted(np.cumsum(weights), budget)) + 1
 
 

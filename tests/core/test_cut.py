@@ -55,10 +55,12 @@ def synthetic_documents(paragraphs: list[str]) -> list[str]:
         f"path{rng.randint(0, 10**6)}?q=a&b=c" for _ in range(900)
     )
     kana = "とうきょうはにほんのしゅとであり、すみだがわがしないをながれています。"
+    japanese = "東京は日本の首都であり、隅田川が市内を流れています。"  # sparser than Chinese
     hangul = "서울은 대한민국의 수도이며 한강이 도시를 가로질러 흐릅니다. "
     return [
         "".join(zh[:40]).replace(" ", ""),  # CJK, no spaces at all
         kana * 150,
+        japanese * 200,
         hangul * 150,
         en[0][:300] + "".join(zh[:30]),  # the cut counts dense characters from a point on
         "".join(zh[:3]) + " ".join(en[:20]),  # ... up to a point
