@@ -25,6 +25,7 @@ alone moves a ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import time
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     before = {name: (c, few[name]) for name, c in interleaved(full, args.rounds_before).items()}
     cases: dict[str, Callable[[], object]] = {}
     for name, d in docs.items():
-        cases[name] = lambda d=d: encoder.encode(queries, d)
+        cases[name] = functools.partial(encoder.encode, queries, d)
         if name == f"en {REF}":  # the same call again: how far noise alone moves a ratio
             cases[f"en {AGAIN}"] = cases[name]
     print(table(interleaved(cases, args.rounds), before, args.pairs))

@@ -318,11 +318,13 @@ def first_limit(text: str, tokens: int) -> int:
     DENSE_CHARS_PER_TOKEN`` of them."""
     budget = char_budget(tokens)
     window = text[:budget]
-    if window.isascii() or ord(max(window)) < DENSE_FROM:  # no scan in the common case
+    if window.isascii():  # known without a scan
         return budget
     # surrogatepass: lone surrogates are scrubbed after the cut
-    points = np.frombuffer(window.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    weights = np.where(points >= DENSE_FROM, CHARS_PER_TOKEN / DENSE_CHARS_PER_TOKEN, 1.0)
+    dense = np.frombuffer(window.encode("utf-32-le", "surrogatepass"), np.uint32) >= DENSE_FROM
+    if not dense.any():
+        return budget
+    weights = np.where(dense, CHARS_PER_TOKEN / DENSE_CHARS_PER_TOKEN, 1.0)
     return int(np.searchsorted(np.cumsum(weights), budget)) + 1
 
 
