@@ -39,12 +39,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from crossrank.testing import SKELETON, shared_dir
-from crossrank.tokenization import (
-    CHARS_PER_TOKEN,
-    DENSE_CHARS_PER_TOKEN,
-    DENSE_FROM,
-    PairTokenizer,
-)
+from crossrank.tokenization import PairTokenizer
 
 QUERY = "Which river flows through the city?"
 REF, AGAIN = "512 tokens", "512 tokens (again)"
@@ -66,6 +61,9 @@ def chars_per_token(shared: Path, tokenizer) -> None:
     """Print the distributions that CHARS_PER_TOKEN and DENSE_CHARS_PER_TOKEN are chosen
     from: characters per token of single paragraphs, and their real token count over the
     cut's estimate (below 1: the first cut would be too short)."""
+    # Imported here: the table also runs against a crossrank older than these constants.
+    from crossrank.tokenization import CHARS_PER_TOKEN, DENSE_CHARS_PER_TOKEN, DENSE_FROM
+
     for lang in ("en", "zh"):
         texts = paragraphs(shared, lang)
         counts = np.array([len(i) for i in tokenizer(texts, add_special_tokens=False)["input_ids"]])
