@@ -45,9 +45,9 @@ document of exactly the tokens used. Chinese: 85 % dense characters, 1.49 charac
 token (p99 1.96); 1.6 per dense character (5.0 per other one) gives an estimate as safe as
 5.0 is for English: real / estimated tokens of single paragraphs mean 1.21, p1 0.97, min
 0.96 (English at 5.0: mean 1.16, p1 0.95, min 0.88). Text sparser than these constants
-(Russian prose of common words reaches 7 characters per token; Japanese, kanji mixed with
-kana, 1.77 in a sample sentence; neither is in the data measured) often takes the second
-try, sized from the first: about twice the characters used in all.
+(sample sentences: Russian of common words 7.7 characters per token; Japanese, kanji mixed
+with kana, 1.77; neither is in the data measured) often takes the second try, sized from
+the first: about twice the characters used in all.
 """
 
 from __future__ import annotations
