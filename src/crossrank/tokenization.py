@@ -430,7 +430,7 @@ def document_tokens(encoding: Encoding, stride: int) -> int:
     """Document (second sequence) tokens a truncated pair encoding covers, its overflowing
     windows included (consecutive windows share ``stride`` tokens)."""
     windows = [encoding, *encoding.overflowing]
-    # Every window holds the same query and special tokens: count them in the shortest.
+    # Every window holds the same query and special tokens: count them in the last one.
     fixed = len(windows[-1]) - windows[-1].sequence_ids.count(1)
     return sum(map(len, windows)) - fixed * len(windows) - stride * (len(windows) - 1)
 
