@@ -27,24 +27,31 @@ bounded by the cut below) rather than for whole requests.
 **Cut before tokenizing.** Only a document's first tokens are scored (the room ``max_length``
 leaves in truncate mode; the first ``max_windows`` windows in chunk mode), so each document
 is cut, before tokenizing, to ``CHARS_PER_TOKEN`` characters for every token it can use
-plus ``CUT_MARGIN_TOKENS``, at the next space within ``_SPACE_SEARCH`` characters (a word
-boundary: the words before it tokenize as in the full text) or else inside a word, where
-the tokens well before the cut do not depend on it, except inside a run of a short repeated
-pattern (``"0" * n``), which is kept whole up to 1 Mi characters. If the
-cut text yields fewer tokens than those used plus the margin, it is cut again twice as
-long, up to the whole text. The kept tokens and their character offsets are therefore the
-full text's (tested over XQuAD-R and long synthetic documents in several scripts in
-``tests/core/test_cut.py``), and a 1 MB document costs what a 3 kB one does
+plus ``CUT_MARGIN_TOKENS`` (a character of a dense script, CJK, kana, hangul or emoji, counts
+as ``CHARS_PER_TOKEN / DENSE_CHARS_PER_TOKEN`` characters), at the next space within
+``_SPACE_SEARCH`` characters (a word boundary: the words before it tokenize as in the full
+text) or else inside a word, where the tokens well before the cut do not depend on it,
+except inside a run of a short repeated pattern (``"0" * n``), which is kept whole up to 1 Mi
+characters. If the cut text yields fewer tokens than those used plus the margin, it is cut
+again, longer by what its own characters per token say is missing plus 10 % (1.1x to 4x),
+until it yields them or is the whole text. The kept tokens and their character offsets are
+therefore the full text's (tested over XQuAD-R and long synthetic documents in several
+scripts in ``tests/core/test_cut.py``), and a 1 MB document costs what a 3 kB one does
 (``benchmarks/tokenize_cost.py``). Texts are cut only for right-side truncation (the
 tokenizer's default), the side that keeps the first tokens.
 
-``CHARS_PER_TOKEN`` is measured: characters per token of the real XLM-R tokenizer
-(bge-reranker-v2-m3) over the distinct XQuAD-R paragraphs, 240 per language, are en mean
-4.34, p90 4.81, p99 5.27, max 5.66; zh mean 1.49, max 2.27. 5.0 is above 97 % of single
-paragraphs (a document of several averages out towards the mean), so a cut of prose rarely
-needs its second try, and it keeps ~1.2x the characters of a document of exactly the tokens
-used; CJK text (fewer characters per token) is cut with room to spare. Measure with
-``python benchmarks/tokenize_cost.py --chars-per-token``.
+Both constants are measured with the real XLM-R tokenizer (bge-reranker-v2-m3) over the
+distinct XQuAD-R paragraphs, 240 per language (``python benchmarks/tokenize_cost.py
+--chars-per-token``). English characters per token: mean 4.34, p90 4.81, p99 5.27, max 5.66;
+5.0 is above 97 % of single paragraphs (a document of several averages out towards the
+mean), so a cut of prose rarely needs its second try, and it keeps ~1.2x the characters of a
+document of exactly the tokens used. Chinese: 85 % dense characters, 1.49 characters per
+token (p99 1.96); 1.6 per dense character (5.0 per other one) gives an estimate as safe as
+5.0 is for English: real / estimated tokens of single paragraphs mean 1.21, p1 0.97, min
+0.96 (English at 5.0: mean 1.16, p1 0.95, min 0.88). Text sparser than these constants
+(sample sentences: Russian of common words 7.7 characters per token; Japanese, kanji mixed
+with kana, 1.77; neither is in the data measured) often takes the second try, sized from
+the first: about twice the characters used in all.
 """
 
 from __future__ import annotations
@@ -64,8 +71,12 @@ from transformers import PreTrainedTokenizerBase
 
 from crossrank.validation import scrub_surrogates
 
-#: Characters a cut keeps per token it must yield (measured, see the module docstring).
+#: Characters a cut keeps per token it must yield (measured, see the module docstring): for
+#: most scripts, and for the dense ones (code points from ``DENSE_FROM`` up: CJK, kana,
+#: hangul, emoji), which yield a token every one or two characters.
 CHARS_PER_TOKEN = 5.0
+DENSE_CHARS_PER_TOKEN = 1.6
+DENSE_FROM = 0x2E80
 #: Tokens a cut text must yield beyond those used, so that the ones used are unaffected by
 #: where the cut lands (a word cut in two re-tokenizes only its own end).
 CUT_MARGIN_TOKENS = 16
@@ -317,8 +328,32 @@ class _SharedBackend:
 
 # ------------------------------------------------------------------------ the cut
 def char_budget(tokens: int) -> int:
-    """Characters a cut keeps for a text that must yield ``tokens`` tokens."""
+    """Characters a cut keeps for a text (of no dense script) that must yield ``tokens``
+    tokens."""
     return int((tokens + CUT_MARGIN_TOKENS) * CHARS_PER_TOKEN) + 1
+
+
+def first_limit(text: str, tokens: int) -> int:
+    """About where a first cut of ``text`` must land to yield ``tokens`` tokens: after
+    :func:`char_budget` characters, a dense character counting as ``CHARS_PER_TOKEN /
+    DENSE_CHARS_PER_TOKEN`` of them."""
+    budget = char_budget(tokens)
+    window = text[:budget]
+    if window.isascii():  # known without a scan
+        return budget
+    # surrogatepass: lone surrogates are scrubbed after the cut
+    dense = np.frombuffer(window.encode("utf-32-le", "surrogatepass"), np.uint32) >= DENSE_FROM
+    if not dense.any():
+        return budget
+    weights = np.where(dense, CHARS_PER_TOKEN / DENSE_CHARS_PER_TOKEN, 1.0)
+    return int(np.searchsorted(np.cumsum(weights), budget)) + 1
+
+
+def next_limit(cut: int, yielded: int, target: int) -> int:
+    """Where to cut again a text whose cut at ``cut`` characters yielded ``yielded`` tokens,
+    fewer than ``target``: at this text's own characters per token, with 10 % to spare
+    (from 1.1 up to 4 times as long, and always longer)."""
+    return max(cut + 1, int(cut * min(4.0, 1.1 * target / max(yielded, 1))))
 
 
 def cut_point(text: str, limit: int) -> int:
@@ -384,10 +419,10 @@ def encode_cut(
     tokens (``None``: the whole text) exactly as the whole text does.
 
     ``yielded(i, encoding)`` counts the tokens text ``i``'s cut yielded; a cut that yielded
-    fewer than ``needs[i] + CUT_MARGIN_TOKENS`` is retried twice as long.
+    fewer than ``needs[i] + CUT_MARGIN_TOKENS`` is retried longer (:func:`next_limit`).
     """
     limits = [
-        len(text) if need is None else char_budget(need)
+        len(text) if need is None else first_limit(text, need)
         for text, need in zip(texts, needs, strict=True)
     ]
     out: list[Encoding | None] = [None] * len(texts)
@@ -401,9 +436,10 @@ def encode_cut(
         retry = []
         for i, cut, encoding in zip(todo, cuts, encodings, strict=True):
             need = needs[i]
-            was_cut = need is not None and cut < len(texts[i])
-            if was_cut and yielded(i, encoding) < (need or 0) + CUT_MARGIN_TOKENS:
-                limits[i] *= 2
+            target = (need or 0) + CUT_MARGIN_TOKENS
+            count = yielded(i, encoding) if need is not None and cut < len(texts[i]) else target
+            if count < target:
+                limits[i] = next_limit(cut, count, target)
                 retry.append(i)
             else:
                 out[i] = encoding
@@ -415,7 +451,9 @@ def document_tokens(encoding: Encoding, stride: int) -> int:
     """Document (second sequence) tokens a truncated pair encoding covers, its overflowing
     windows included (consecutive windows share ``stride`` tokens)."""
     windows = [encoding, *encoding.overflowing]
-    return sum(w.sequence_ids.count(1) for w in windows) - stride * (len(windows) - 1)
+    # Every window holds the same query and special tokens: count them in the last one.
+    fixed = len(windows[-1]) - windows[-1].sequence_ids.count(1)
+    return sum(map(len, windows)) - fixed * len(windows) - stride * (len(windows) - 1)
 
 
 class PairTokenizer:
@@ -468,7 +506,7 @@ class PairTokenizer:
         """
         need = None if at_most is None else at_most + 1
         encodings = self._encode_texts(list(texts), need, offsets=False)
-        return np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        return np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
 
     def _encode_texts(self, texts: list[str], need: int | None, *, offsets: bool) -> list[Encoding]:
         """Encodings of single texts without special tokens, each exact in its first
@@ -481,7 +519,7 @@ class PairTokenizer:
                 return list(_fast_encode(backend)(cut, add_special_tokens=False))
 
         need = need if self._cuts else None
-        return encode_cut(texts, [need] * len(texts), encode, lambda _, e: len(e.ids))
+        return encode_cut(texts, [need] * len(texts), encode, lambda _, e: len(e))
 
     def _cut(self, texts: Sequence[str], max_tokens: int) -> tuple[list[str], list[int]]:
         """Each text cut at the character end of its ``max_tokens``-th token (special tokens
@@ -489,9 +527,9 @@ class PairTokenizer:
         encodings = self._encode_texts(list(texts), max_tokens, offsets=True)
         capped, counts = list(texts), []
         for i, encoding in enumerate(encodings):
-            if len(encoding.ids) > max_tokens:
+            if len(encoding) > max_tokens:
                 capped[i] = texts[i][: encoding.offsets[max_tokens - 1][1]]
-            counts.append(min(len(encoding.ids), max_tokens))
+            counts.append(min(len(encoding), max_tokens))
         return capped, counts
 
     def _capped(self, queries: list[str]) -> tuple[list[str], list[int]]:

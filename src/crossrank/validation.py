@@ -126,7 +126,8 @@ def scrub_surrogates(texts: Sequence[str]) -> list[str]:
     tokenizer cannot; replacing one code point keeps every character offset unchanged.
     """
     out = list(texts)
-    if not _SURROGATES.search("".join(out)):  # one C-level scan in the common case
+    # The common cases: ASCII (known without a scan), or one C-level scan.
+    if all(map(str.isascii, out)) or not _SURROGATES.search("".join(out)):
         return out
     for i, text in enumerate(out):
         if _SURROGATES.search(text):

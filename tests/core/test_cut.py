@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from crossrank.tokenization import EncodedPairs, PairTokenizer, char_budget
+from crossrank.tokenization import (
+    EncodedPairs,
+    PairTokenizer,
+    char_budget,
+    encode_cut,
+    first_limit,
+)
 
 QUERY = "Which river flows through the city?"
 
@@ -48,8 +54,18 @@ def synthetic_documents(paragraphs: list[str]) -> list[str]:
     url = "https://example.com/" + "/".join(
         f"path{rng.randint(0, 10**6)}?q=a&b=c" for _ in range(900)
     )
+    kana = "とうきょうはにほんのしゅとであり、すみだがわがしないをながれています。"
+    japanese = "東京は日本の首都であり、隅田川が市内を流れています。"  # sparser than Chinese
+    hangul = "서울은 대한민국의 수도이며 한강이 도시를 가로질러 흐릅니다. "
     return [
         "".join(zh[:40]).replace(" ", ""),  # CJK, no spaces at all
+        kana * 150,
+        japanese * 200,
+        hangul * 150,
+        en[0][:300] + "".join(zh[:30]),  # the cut counts dense characters from a point on
+        "".join(zh[:3]) + " ".join(en[:20]),  # ... up to a point
+        ("x" + " " * 9) * 3000,  # ten characters a token: the first cut is too short
+        "internationalization " * 3000,  # the same, in words
         thai * 200,
         digits,
         "1234567890" * 3000,
@@ -57,7 +73,7 @@ def synthetic_documents(paragraphs: list[str]) -> list[str]:
         url,
         " ".join(en[:30]),
         "supercalifragilistic" * 3000,  # one word, the cut always inside it
-        "😀🚀 " * 4000,  # fewer characters than tokens: the first cut is too short
+        "😀🚀 " * 4000,  # fewer characters than tokens
         "ab" * 40 + " " + "x" * 5000,
         "Ünïcödé naïve café " * 2000,
     ]
@@ -137,3 +153,46 @@ def test_caps_and_counts_equal_the_full_text(hf_tokenizer, paragraphs) -> None:
     assert ((counts == exact) | ((counts > 100) & (exact > 100))).all()
     assert (counts[exact > 100] > 100).all()
     assert encoder.token_counts(docs).tolist() == exact.tolist()
+
+
+def test_lone_surrogates_in_dense_text_are_scrubbed_after_the_cut(hf_tokenizer, paragraphs):
+    zh = "".join(p for p in paragraphs if not p.isascii())
+    docs = [zh[:300] + "\ud800" + zh[300:20_000], zh[:20_000] + "\udfff"]
+    encoder = PairTokenizer(hf_tokenizer, max_length=128, query_max_length=16)
+    got = rows(encoder.encode([QUERY] * len(docs), docs))
+    clean = [d.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd") for d in docs]
+    want = hf_tokenizer([QUERY] * 2, clean, truncation="only_second", max_length=128)
+    assert got == want["input_ids"]
+
+
+def test_a_cut_too_short_is_tried_again_longer_until_it_holds_the_tokens(real_tokenizer_dir):
+    """Texts of more characters per token than the cut allows for: the second try, sized
+    from the first one's yield, is exact; the text that was long enough is not tried again."""
+    backend = AutoTokenizer.from_pretrained(real_tokenizer_dir).backend_tokenizer
+    texts = [("x" + " " * 9) * 3000, "internationalization " * 3000, "a b c d " * 3000]
+    tried: list[list[int]] = []
+
+    def encode(chosen: list[int], cut: list[str]):
+        tried.append(chosen)
+        return backend.encode_batch(cut, add_special_tokens=False)
+
+    got = encode_cut(texts, [200] * 3, encode, lambda _, e: len(e))
+    assert tried[0] == [0, 1, 2] and tried[1] == [0, 1]
+    full = backend.encode_batch(texts, add_special_tokens=False)
+    for g, f in zip(got, full, strict=True):
+        assert len(g) < len(f)  # cut
+        assert (g.ids[:200], g.offsets[:200]) == (f.ids[:200], f.offsets[:200])
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_a_first_cut_holds_the_tokens_used_and_not_many_more(hf_tokenizer, paragraphs, lang):
+    """What a long document costs is about what is used, in a sparse and a dense script."""
+    texts = [p for p in paragraphs if p.isascii() == (lang == "en")]
+    docs = [" ".join(texts[i : i + 12]) for i in range(0, len(texts) - 12, 5)]
+    need = 497
+    cuts = [doc[: first_limit(doc, need)] for doc in docs]
+    counts = np.array(
+        [len(ids) for ids in hf_tokenizer(cuts, add_special_tokens=False)["input_ids"]]
+    )
+    assert (counts >= need + 16).mean() > 0.9  # a second try is rare
+    assert np.median(counts) < 1.5 * need
