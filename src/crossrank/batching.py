@@ -22,7 +22,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,11 +165,21 @@ class MicroBatcher:
         self._requests: deque[_Request] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._arrived: asyncio.Event | None = None
+        self._inflight = 0
+        # Waits for queued passes (they finish in order): a thread of the queue's own, so that
+        # a finished pass is noticed at once, never behind tokenization queued on the loop's
+        # default executor (which left the device idle while requests waited).
+        self._collector = ThreadPoolExecutor(1, thread_name_prefix="crossrank-collect")
 
     @property
     def pending_pairs(self) -> int:
         """Pairs queued and not yet sent to the model (the queue depth)."""
         return sum(r.waiting for r in self._requests if not r.future.done())
+
+    @property
+    def busy(self) -> bool:
+        """Whether a new request would wait: pairs are queued, or ``depth`` passes are."""
+        return self._inflight >= self.depth or self.pending_pairs > 0
 
     async def submit(self, encoded: EncodedPairs) -> np.ndarray:
         """Score ``encoded`` through shared batches; returns raw float32 scores in its order."""
@@ -184,8 +194,14 @@ class MicroBatcher:
     ) -> np.ndarray:
         """Score pairs tokenized in chunks of ``sizes`` (``encode(lo, hi)`` gives one row per
         pair ``lo..hi-1``, run on ``executor``): chunk ``k`` waits in the queue, or on the
-        device, while chunk ``k + 1`` is tokenized. Raw float32 scores in pair order."""
+        device, while chunk ``k + 1`` is tokenized. Raw float32 scores in pair order.
+
+        When the queue is :attr:`busy` the pairs are tokenized in one chunk: the device has
+        work to overlap with already, and one chunk is one tokenizer call and one request
+        to merge into passes, not several."""
         self._check_room(sum(sizes))
+        if self.busy:
+            sizes = [sum(sizes)]
         loop = asyncio.get_running_loop()
         queued: list[asyncio.Future[np.ndarray]] = []
         try:
@@ -251,9 +267,11 @@ class MicroBatcher:
         """Queue passes (up to ``depth`` at once) and hand out their results, in order."""
         self._arrived = asyncio.Event()
         inflight: deque[tuple[_Batch, asyncio.Future[np.ndarray]]] = deque()
+        self._inflight = 0
         while True:
             self._arrived.clear()
             while len(inflight) < self.depth and (batch := self._next_batch()) is not None:
+                self._inflight = len(inflight) + 1  # taken from the queue: counts as queued
                 inflight.append((batch, await self._queue(batch)))
             if not inflight:
                 return
@@ -265,17 +283,20 @@ class MicroBatcher:
                 arrived.cancel()
                 if not oldest.done():
                     continue
-            batch, result = inflight.popleft()
+            batch, result = inflight[0]
             try:
                 scores = await result
             except Exception as err:  # a failed batch fails its requests, never the worker
                 logger.exception("forward pass failed for %d pairs", len(batch.encoded))
                 self._fail(batch, err)
                 continue
+            finally:
+                inflight.popleft()
+                self._inflight = len(inflight)
             self._deliver(batch, scores)
 
     async def _queue(self, batch: _Batch) -> asyncio.Future[np.ndarray]:
-        """Queue ``batch`` on the device; the future waits for its scores on another thread."""
+        """Queue ``batch`` on the device; the future waits for its scores on the collector."""
         loop = asyncio.get_running_loop()
         try:
             pending = await loop.run_in_executor(self._executor, self._submit, batch.encoded)
@@ -283,7 +304,7 @@ class MicroBatcher:
             failed: asyncio.Future[np.ndarray] = loop.create_future()
             failed.set_exception(err)
             return failed
-        return loop.run_in_executor(None, pending)
+        return loop.run_in_executor(self._collector, pending)
 
     @staticmethod
     def _fail(batch: _Batch, err: Exception) -> None:
