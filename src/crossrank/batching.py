@@ -7,12 +7,15 @@ tokens, or real tokens when the engine packs sequences) stays under the budget.
 requests are merged into shared forward passes. A single worker coroutine owns batching;
 passes are queued on the device from a worker thread (``submit`` returns a pending result,
 as the runners' ``submit`` does) and up to ``depth`` passes are queued before the first
-result is awaited, so the device runs them back to back while the event loop goes on. Pairs
+result is awaited, so the device runs them back to back while the event loop goes on; the
+results are waited for on a thread of the queue's own, so that a finished pass is noticed
+at once, not after the tokenization a server queues on the loop's default executor. Pairs
 are taken from the pending requests round-robin, so one 1000-document request cannot starve
 small ones. Results are written back into each request's own order; a cancelled request's
 remaining pairs are dropped before they reach the model. :meth:`MicroBatcher.submit_overlapped`
 gives a lone request the in-process call's overlap: its first small chunk is queued while
-the next chunks are tokenized.
+the next chunks are tokenized (a request that finds the queue busy is tokenized in one
+chunk: it is merged with the others' pairs anyway).
 """
 
 from __future__ import annotations
