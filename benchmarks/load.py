@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import os
 import random
@@ -50,6 +51,7 @@ PRESETS = {
     },
     "full": {},
 }
+EXIT_GRACE_S = 120
 SERVE = "import typer; from crossrank.cli.serve import serve; typer.run(serve)"
 
 
@@ -268,11 +270,16 @@ def main() -> None:
         "inprocess_p50_ms": round(single_ms, 1) if single_ms is not None else None,
     }
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report), flush=True)
     else:
         width = max(map(len, report))
         for key, value in report.items():
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {value}", flush=True)
+    # A run on a GPU host once printed its report and then never exited (not reproduced on
+    # CPU): should the interpreter take longer than this to shut down, every thread's stack
+    # goes to stderr and the process exits with status 1, instead of waiting for an outer
+    # timeout with nothing to show.
+    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
 
 
 if __name__ == "__main__":

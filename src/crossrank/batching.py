@@ -7,12 +7,15 @@ tokens, or real tokens when the engine packs sequences) stays under the budget.
 requests are merged into shared forward passes. A single worker coroutine owns batching;
 passes are queued on the device from a worker thread (``submit`` returns a pending result,
 as the runners' ``submit`` does) and up to ``depth`` passes are queued before the first
-result is awaited, so the device runs them back to back while the event loop goes on. Pairs
+result is awaited, so the device runs them back to back while the event loop goes on; the
+results are waited for on a thread of the queue's own, so that a finished pass is noticed
+at once, not after the tokenization a server queues on the loop's default executor. Pairs
 are taken from the pending requests round-robin, so one 1000-document request cannot starve
 small ones. Results are written back into each request's own order; a cancelled request's
 remaining pairs are dropped before they reach the model. :meth:`MicroBatcher.submit_overlapped`
 gives a lone request the in-process call's overlap: its first small chunk is queued while
-the next chunks are tokenized.
+the next chunks are tokenized (a request that finds the queue busy is tokenized in one
+chunk: it is merged with the others' pairs anyway).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,11 +168,21 @@ class MicroBatcher:
         self._requests: deque[_Request] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._arrived: asyncio.Event | None = None
+        self._inflight = 0
+        # Waits for queued passes (they finish in order): a thread of the queue's own, so that
+        # a finished pass is noticed at once, never behind tokenization queued on the loop's
+        # default executor (which left the device idle while requests waited).
+        self._collector = ThreadPoolExecutor(1, thread_name_prefix="crossrank-collect")
 
     @property
     def pending_pairs(self) -> int:
         """Pairs queued and not yet sent to the model (the queue depth)."""
         return sum(r.waiting for r in self._requests if not r.future.done())
+
+    @property
+    def busy(self) -> bool:
+        """Whether a new request would wait: pairs are queued, or ``depth`` passes are."""
+        return self._inflight >= self.depth or self.pending_pairs > 0
 
     async def submit(self, encoded: EncodedPairs) -> np.ndarray:
         """Score ``encoded`` through shared batches; returns raw float32 scores in its order."""
@@ -184,8 +197,14 @@ class MicroBatcher:
     ) -> np.ndarray:
         """Score pairs tokenized in chunks of ``sizes`` (``encode(lo, hi)`` gives one row per
         pair ``lo..hi-1``, run on ``executor``): chunk ``k`` waits in the queue, or on the
-        device, while chunk ``k + 1`` is tokenized. Raw float32 scores in pair order."""
+        device, while chunk ``k + 1`` is tokenized. Raw float32 scores in pair order.
+
+        When the queue is :attr:`busy` the pairs are tokenized in one chunk: the device has
+        work to overlap with already, and one chunk is one tokenizer call and one request
+        to merge into passes, not several."""
         self._check_room(sum(sizes))
+        if self.busy:
+            sizes = [sum(sizes)]
         loop = asyncio.get_running_loop()
         queued: list[asyncio.Future[np.ndarray]] = []
         try:
@@ -251,9 +270,11 @@ class MicroBatcher:
         """Queue passes (up to ``depth`` at once) and hand out their results, in order."""
         self._arrived = asyncio.Event()
         inflight: deque[tuple[_Batch, asyncio.Future[np.ndarray]]] = deque()
+        self._inflight = 0
         while True:
             self._arrived.clear()
             while len(inflight) < self.depth and (batch := self._next_batch()) is not None:
+                self._inflight = len(inflight) + 1  # taken from the queue: counts as queued
                 inflight.append((batch, await self._queue(batch)))
             if not inflight:
                 return
@@ -265,17 +286,20 @@ class MicroBatcher:
                 arrived.cancel()
                 if not oldest.done():
                     continue
-            batch, result = inflight.popleft()
+            batch, result = inflight[0]
             try:
                 scores = await result
             except Exception as err:  # a failed batch fails its requests, never the worker
                 logger.exception("forward pass failed for %d pairs", len(batch.encoded))
                 self._fail(batch, err)
                 continue
+            finally:
+                inflight.popleft()
+                self._inflight = len(inflight)
             self._deliver(batch, scores)
 
     async def _queue(self, batch: _Batch) -> asyncio.Future[np.ndarray]:
-        """Queue ``batch`` on the device; the future waits for its scores on another thread."""
+        """Queue ``batch`` on the device; the future waits for its scores on the collector."""
         loop = asyncio.get_running_loop()
         try:
             pending = await loop.run_in_executor(self._executor, self._submit, batch.encoded)
@@ -283,7 +307,7 @@ class MicroBatcher:
             failed: asyncio.Future[np.ndarray] = loop.create_future()
             failed.set_exception(err)
             return failed
-        return loop.run_in_executor(None, pending)
+        return loop.run_in_executor(self._collector, pending)
 
     @staticmethod
     def _fail(batch: _Batch, err: Exception) -> None:
