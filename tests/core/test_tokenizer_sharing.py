@@ -27,6 +27,7 @@ def hf_tokenizer(real_tokenizer_dir: Path):
 
 def test_two_settings_are_in_use_at_once_and_encode_as_the_tokenizer(hf_tokenizer) -> None:
     shared = _SharedBackend(hf_tokenizer.backend_tokenizer, "right")
+    assert shared._build() is not None  # a view reproduces this tokenizer (no fallback lock)
     queries, docs = [q for q, _ in TEXTS], [d for _, d in TEXTS]
     # nested on one thread: a setting that had to wait for the other would never enter
     with shared.using(None) as plain, shared.using((48, 0)) as truncated:
@@ -39,6 +40,21 @@ def test_two_settings_are_in_use_at_once_and_encode_as_the_tokenizer(hf_tokenize
     want = hf_tokenizer(queries, docs, truncation="only_second", max_length=48)["input_ids"]
     assert cut == want
     assert all(len(ids) == 48 for ids in cut)
+
+
+def test_without_an_exact_view_one_lock_serves_every_setting(
+    hf_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_SharedBackend, "_build", lambda self: None)
+    pairs = PairTokenizer(hf_tokenizer, max_length=48, query_max_length=16)
+    queries, docs = [q for q, _ in TEXTS], [d for _, d in TEXTS]
+    encoded = pairs.encode(queries, docs)  # query caps (no truncation), then pairs (48, 0)
+    capped = pairs.cap_queries(queries)
+    want = hf_tokenizer(capped, docs, truncation="only_second", max_length=48)["input_ids"]
+    spans = zip(encoded.offsets, encoded.lengths, strict=True)
+    got = [encoded.ids[o : o + n].tolist() for o, n in spans]
+    assert got == want
+    hf_tokenizer.backend_tokenizer.no_truncation()  # the fallback sets the caller's tokenizer
 
 
 def test_the_callers_tokenizer_is_never_changed(hf_tokenizer) -> None:
