@@ -184,6 +184,10 @@ class MicroBatcher:
         """Whether a new request would wait: pairs are queued, or ``depth`` passes are."""
         return self._inflight >= self.depth or self.pending_pairs > 0
 
+    def close(self) -> None:
+        """Stop the thread that waits for passes (a wait still running ends with its pass)."""
+        self._collector.shutdown(wait=False, cancel_futures=True)
+
     async def submit(self, encoded: EncodedPairs) -> np.ndarray:
         """Score ``encoded`` through shared batches; returns raw float32 scores in its order."""
         self._check_room(len(encoded))

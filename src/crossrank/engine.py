@@ -323,7 +323,9 @@ class Reranker(PeerCompat):
         self.score("warm up", ["crossrank"])
 
     def close(self) -> None:
-        """Stop the worker threads."""
+        """Stop the worker threads (the micro-batching queues' too)."""
+        for batcher in list(self._batchers.values()):
+            batcher.close()
         self._executor.shutdown(wait=True)
         self._call_pool.shutdown(wait=True)
 

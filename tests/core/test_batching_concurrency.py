@@ -144,3 +144,22 @@ def test_a_busy_queue_takes_a_request_in_one_chunk(runner: SlowRunner) -> None:
 async def release(runner: SlowRunner, passes: int) -> None:
     for _ in range(passes):
         runner.released.release()
+
+
+def test_close_stops_the_thread_that_waits_for_passes(runner: SlowRunner) -> None:
+    before = set(threading.enumerate())
+    with ThreadPoolExecutor(1) as forward:
+        batcher = MicroBatcher(submit=runner.submit, batch_tokens=40, packed=True, executor=forward)
+
+        async def main() -> np.ndarray:
+            runner.released.release()
+            return await batcher.submit(encoded_of([10] * 2, 0))
+
+        assert asyncio.run(main()).tolist() == [0, 1]
+        new = set(threading.enumerate()) - before
+        collectors = [t for t in new if t.name.startswith("crossrank-collect")]
+        assert collectors  # this queue's wait above ran on one
+        batcher.close()
+        for thread in collectors:
+            thread.join(10)
+        assert not any(thread.is_alive() for thread in collectors)
