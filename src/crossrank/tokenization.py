@@ -247,15 +247,19 @@ def _offload(pool: ThreadPoolExecutor, run: Callable[[int, int], T], lo: int, hi
     """``run(lo, hi)`` on ``pool``, counted in ``_queued`` until it finishes or is cancelled."""
     global _queued
 
-    def finished(_: Future[T]) -> None:
+    def release(_: object = None) -> None:
         global _queued
         with _pool_lock:
             _queued -= 1
 
     with _pool_lock:
         _queued += 1
-    future = pool.submit(run, lo, hi)
-    future.add_done_callback(finished)
+    try:
+        future = pool.submit(run, lo, hi)
+    except BaseException:  # a pool shut down (interpreter exit) takes nothing
+        release()
+        raise
+    future.add_done_callback(release)
     return future
 
 
