@@ -13,11 +13,18 @@ passages, the real all-MiniLM-L6-v2 embedder, the registry's engine for the tiny
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+# Without a GPU, the fused Triton kernels run on CPU tensors through Triton's interpreter
+# (crossrank.backends.fused); Triton reads this when it is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from crossrank import Reranker
 from crossrank.registry import get_reranker

@@ -50,6 +50,7 @@ from crossrank.backends.decoder import (
     decoder_body,
     decoder_head,
 )
+from crossrank.backends.fused import HeadNorm, act_kind, gated_act, rope_heads
 from crossrank.backends.packed import capture_cuda_graph, varlen_attention
 from crossrank.tokenization import EncodedPairs
 
@@ -87,6 +88,9 @@ def unsupported_reason(model: PreTrainedModel, device: torch.device | None = Non
     ):
         if module is None or not all(hasattr(module, n) for n in names):
             return "unexpected decoder layer layout"
+    for name in ("q_norm", "k_norm"):
+        if getattr(attn, name, None) is not None and _rms_weights(getattr(attn, name)) is None:
+            return f"unsupported {name} ({type(getattr(attn, name)).__name__})"
     return None
 
 
@@ -95,14 +99,15 @@ class _Layer:
     input_norm: Callable[[Tensor], Tensor]
     qkv_w: Tensor
     qkv_b: Tensor | None
-    q_norm: Callable[[Tensor], Tensor] | None
-    k_norm: Callable[[Tensor], Tensor] | None
+    q_norm: HeadNorm | None
+    k_norm: HeadNorm | None
     out_w: Tensor
     out_b: Tensor | None
     post_norm: Callable[[Tensor], Tensor]
     gate_up_w: Tensor
     down_w: Tensor
     act: Callable[[Tensor], Tensor]
+    act_kind: str | None
     scale: float
 
 
@@ -117,19 +122,25 @@ def _cat_bias(parts: Sequence[torch.nn.Linear]) -> Tensor | None:
     )
 
 
-def _fused_norm(module: Any) -> Callable[[Tensor], Tensor] | None:
-    """The RMSNorm of Llama/Qwen2/Qwen3 (``weight * (x / rms(x) in float32).to(dtype)``, eps
-    in ``variance_epsilon``) as one ``F.rms_norm`` call: one fused kernel on CUDA instead of
-    the module's seven elementwise ones over float32 copies (the norms were most of the
-    packed pass's memory traffic). It computes in float32 too and rounds once, after the
-    weight. Other norms (Gemma's ``1 + weight`` in float32) keep their module."""
-    if module is None:
-        return None
+def _rms_weights(module: Any) -> HeadNorm | None:
+    """Weight and epsilon of the RMSNorm of Llama/Qwen2/Qwen3 (``weight * (x / rms(x) in
+    float32).to(dtype)``, eps in ``variance_epsilon``); ``None`` for other norms (Gemma's
+    ``1 + weight``)."""
     eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
-    if "Gemma" in type(module).__name__ or eps is None or weight is None:
+    if module is None or "Gemma" in type(module).__name__ or eps is None or weight is None:
+        return None
+    return HeadNorm(weight.detach(), float(eps))
+
+
+def _fused_norm(module: Any) -> Callable[[Tensor], Tensor]:
+    """The module's RMSNorm as one ``F.rms_norm`` call: one fused kernel on CUDA instead of
+    the module's seven elementwise ones over float32 copies. It computes in float32 too and
+    rounds once, after the weight. Other norms keep their module."""
+    norm = _rms_weights(module)
+    if norm is None:
         return module
-    w, shape = weight.detach(), (weight.shape[-1],)
-    return lambda x: F.rms_norm(x, shape, w, eps)
+    shape = (norm.weight.shape[-1],)
+    return lambda x: F.rms_norm(x, shape, norm.weight, norm.eps)
 
 
 def _add_linear(x: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -142,23 +153,19 @@ def _add_linear(x: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None) -> Te
 def _layer(module: Any, head_dim: int) -> _Layer:
     attn, mlp = module.self_attn, module.mlp
     qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-    input_norm, post_norm = (
-        _fused_norm(module.input_layernorm),
-        _fused_norm(module.post_attention_layernorm),
-    )
-    assert input_norm is not None and post_norm is not None  # unsupported_reason checked them
     return _Layer(
-        input_norm=input_norm,
+        input_norm=_fused_norm(module.input_layernorm),
         qkv_w=torch.cat([p.weight.detach() for p in qkv]),
         qkv_b=_cat_bias(qkv),
-        q_norm=_fused_norm(getattr(attn, "q_norm", None)),
-        k_norm=_fused_norm(getattr(attn, "k_norm", None)),
+        q_norm=_rms_weights(getattr(attn, "q_norm", None)),
+        k_norm=_rms_weights(getattr(attn, "k_norm", None)),
         out_w=attn.o_proj.weight.detach(),
         out_b=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
-        post_norm=post_norm,
+        post_norm=_fused_norm(module.post_attention_layernorm),
         gate_up_w=torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]),
         down_w=mlp.down_proj.weight.detach(),
         act=mlp.act_fn,
+        act_kind=act_kind(mlp.act_fn),
         scale=float(getattr(attn, "scaling", head_dim**-0.5)),
     )
 
@@ -239,13 +246,6 @@ def pack_with_prefix(encoded: EncodedPairs, prefix: int) -> PrefixBatch:
 
 
 # ---------------------------------------------------------------------------- device side
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on ``[tokens, heads, dim]`` (the rotate-half convention of Llama/Qwen/Gemma)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 @dataclass
 class _DeviceBatch:
     ids: Tensor
@@ -449,30 +449,33 @@ class DecoderPackedRunner(Runner):
     def _forward(self, db: _DeviceBatch) -> Tensor:
         """Answer-token logits ``[pairs, k]`` of one packed pass."""
         x = self.embed(db.ids.long())
-        cos, sin = self.rotary(x[None], db.positions.long()[None])
-        cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        # float32 cos/sin (the rotary module reads only the device and dtype of its input)
+        cos, sin = (
+            t[0]
+            for t in self.rotary(x.new_empty(0, dtype=torch.float32), db.positions.long()[None])
+        )
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer.input_norm(x)
-            q, k, v = F.linear(h, layer.qkv_w, layer.qkv_b).split(self._qkv_sizes, dim=-1)
-            q = q.reshape(-1, self.heads, self.head_dim)
-            k = k.reshape(-1, self.kv_heads, self.head_dim)
-            v = v.reshape(-1, self.kv_heads, self.head_dim)
-            if layer.q_norm is not None and layer.k_norm is not None:
-                q, k = layer.q_norm(q), layer.k_norm(k)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            k, v = k.index_select(0, db.key_index), v.index_select(0, db.key_index)
+            q, k, v = F.linear(layer.input_norm(x), layer.qkv_w, layer.qkv_b).split(
+                self._qkv_sizes, dim=-1
+            )
+            last = i == last_layer  # only each pair's last token is read after the last layer
+            q, _ = rope_heads(q, self.heads, cos, sin, layer.q_norm, db.last if last else None)
+            k, v = rope_heads(
+                k, self.kv_heads, cos, sin, layer.k_norm, db.key_index, (v, self.kv_heads)
+            )
+            assert v is not None
             cu_q, max_q, host = db.cu_q, db.max_q, db.host
-            if i == last_layer:  # only each pair's last token is read after the last layer
-                q, x = q.index_select(0, db.last), x.index_select(0, db.last)
+            if last:
+                x = x.index_select(0, db.last)
                 cu_q, max_q = db.cu_last, 1
                 host = None if host is None else (db.cu_last.tolist(), host[1])
             a = varlen_attention(
                 q, k, v, cu_q, db.cu_k, max_q, db.max_k, layer.scale, host, causal=True
             ).reshape(q.shape[0], -1)
             x = _add_linear(x, a, layer.out_w, layer.out_b)
-            gate, up = F.linear(layer.post_norm(x), layer.gate_up_w).chunk(2, dim=-1)
-            x = _add_linear(x, layer.act(gate) * up, layer.down_w, None)
+            gate_up = F.linear(layer.post_norm(x), layer.gate_up_w)
+            x = _add_linear(x, gated_act(gate_up, layer.act_kind, layer.act), layer.down_w, None)
         return F.linear(self.final_norm(x), self.head_w, self.head_b)
 
 

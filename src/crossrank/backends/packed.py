@@ -277,14 +277,43 @@ def varlen_attention(
             return _flash_attn_varlen(
                 q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal
             )
-        k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
-        flash = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
-        )
-        return flash[0]
+        return _torch_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)
     if cu_host is None:
         cu_host = (cu_q.tolist(), cu_k.tolist())
     return _attention_per_sequence(q, k, v, cu_host, scale, causal)
+
+
+_native_gqa = [True]  # PyTorch's flash kernel takes fewer key/value heads (until it refuses)
+
+
+def _torch_flash(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+) -> Tensor:
+    """PyTorch's built-in varlen flash kernel; grouped-query attention natively (the key and
+    value heads are not copied per query head), or by repeating them where a PyTorch build
+    refuses fewer key/value heads."""
+
+    def flash(keys: Tensor, values: Tensor) -> Tensor:
+        return torch.ops.aten._flash_attention_forward(
+            q, keys, values, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
+        )[0]
+
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and _native_gqa[0]:
+        try:
+            return flash(k, v)
+        except RuntimeError as err:
+            _native_gqa[0] = False
+            logger.info("flash attention without native grouped-query attention: %s", err)
+    return flash(*_repeat_kv(k, v, groups))
 
 
 def _repeat_kv(k: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor]:
