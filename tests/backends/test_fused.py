@@ -69,10 +69,14 @@ def test_rope_heads_kernel(dtype: torch.dtype, with_norm: bool):
     assert none is None and got_q.dtype == dtype and got_q.shape == (tokens, heads, dim)
     torch.testing.assert_close(got_q.float(), want_q, atol=tol, rtol=tol)
 
-    got_k, got_v = fused.rope_heads(k, kv_heads, cos, sin, norm, rows, (v, kv_heads))
+    # keys: gathered rows, each head repeated for the query heads it serves; values beside
+    got_k, got_v = fused.rope_heads(k, kv_heads, cos, sin, norm, rows, v, repeat=2)
     want_k = reference_rope(k.reshape(tokens, kv_heads, dim), cos, sin, weight)[rows]
-    torch.testing.assert_close(got_k.float(), want_k, atol=tol, rtol=tol)
-    assert got_v is not None and torch.equal(got_v, v.reshape(tokens, kv_heads, dim)[rows])
+    want_v = v.reshape(tokens, kv_heads, dim)[rows]
+    assert got_k.shape == (len(rows), heads, dim)
+    for head in range(heads):
+        torch.testing.assert_close(got_k[:, head].float(), want_k[:, head // 2], atol=tol, rtol=tol)
+        assert got_v is not None and torch.equal(got_v[:, head], want_v[:, head // 2])
 
 
 @pytest.mark.parametrize("with_norm", [True, False])
@@ -85,10 +89,11 @@ def test_rope_heads_reference_path(with_norm: bool):
     weight = torch.randn(dim) if with_norm else None
     norm = fused.HeadNorm(weight, 1e-6) if weight is not None else None
     rows = torch.tensor([8, 1, 1])
-    got, copied = fused.rope_heads(x, heads, cos, sin, norm, rows, (x, heads))
+    got, copied = fused.rope_heads(x, heads, cos, sin, norm, rows, x, repeat=3)
     want = reference_rope(x.reshape(tokens, heads, dim), cos, sin, weight)[rows]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert copied is not None and torch.equal(copied, x.reshape(tokens, heads, dim)[rows])
+    torch.testing.assert_close(got[:, ::3], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, 2::3], want, atol=1e-5, rtol=1e-5)
+    assert copied is not None and torch.equal(copied[:, 1::3], x.reshape(tokens, heads, dim)[rows])
 
 
 @pytest.mark.usefixtures("interpret")

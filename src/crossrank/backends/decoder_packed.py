@@ -51,7 +51,11 @@ from crossrank.backends.decoder import (
     decoder_head,
 )
 from crossrank.backends.fused import HeadNorm, act_kind, gated_act, rope_heads
-from crossrank.backends.packed import capture_cuda_graph, varlen_attention
+from crossrank.backends.packed import (
+    capture_cuda_graph,
+    kv_heads_for_attention,
+    varlen_attention,
+)
 from crossrank.tokenization import EncodedPairs
 
 logger = logging.getLogger(__name__)
@@ -144,9 +148,10 @@ def _fused_norm(module: Any) -> Callable[[Tensor], Tensor]:
 
 
 def _add_linear(x: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x + F.linear(a, weight, bias)``; without a bias one GEMM whose epilogue adds ``x``."""
+    """``x + F.linear(a, weight, bias)``; without a bias one GEMM whose epilogue adds ``x``
+    in place (``x`` is the pass's own residual stream: no copy of it first)."""
     if bias is None:
-        return torch.addmm(x, a, weight.t())
+        return x.addmm_(a, weight.t())
     return x + F.linear(a, weight, bias)
 
 
@@ -358,6 +363,8 @@ class DecoderPackedRunner(Runner):
         )
         kv_size = self.kv_heads * self.head_dim
         self._qkv_sizes = [self.heads * self.head_dim, kv_size, kv_size]
+        # keys/values are written out per pass anyway: repeated there if attention needs it
+        self._kv_repeat = kv_heads_for_attention(device, self.heads, self.kv_heads) // self.kv_heads
         self.embed = body.embed_tokens
         self.rotary = body.rotary_emb
         self.final_norm = body.norm
@@ -462,7 +469,7 @@ class DecoderPackedRunner(Runner):
             last = i == last_layer  # only each pair's last token is read after the last layer
             q, _ = rope_heads(q, self.heads, cos, sin, layer.q_norm, db.last if last else None)
             k, v = rope_heads(
-                k, self.kv_heads, cos, sin, layer.k_norm, db.key_index, (v, self.kv_heads)
+                k, self.kv_heads, cos, sin, layer.k_norm, db.key_index, v, self._kv_repeat
             )
             assert v is not None
             cu_q, max_q, host = db.cu_q, db.max_q, db.host

@@ -83,6 +83,12 @@ def _rope_heads_reference(
     return _rotate(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
+def _gather_heads(x: Tensor, heads: int, rows: Tensor | None, repeat: int) -> Tensor:
+    x = x.reshape(x.shape[0], heads, -1)
+    x = x if rows is None else x.index_select(0, rows)
+    return x if repeat == 1 else x.repeat_interleave(repeat, dim=1)
+
+
 # ------------------------------------------------------------------------------ public
 def rope_heads(
     x: Tensor,
@@ -91,21 +97,20 @@ def rope_heads(
     sin: Tensor,
     norm: HeadNorm | None = None,
     rows: Tensor | None = None,
-    copy: tuple[Tensor, int] | None = None,
+    values: Tensor | None = None,
+    repeat: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """RoPE (after ``norm`` over each head when given) of ``x`` ``[tokens, heads * dim]``
-    (a column slice of the fused projection is fine), at the rows ``rows`` (``None``: all):
-    ``[len(rows), heads, dim]``, with ``cos``/``sin`` ``[tokens, dim]`` of each source token.
-    ``copy=(v, v_heads)``: the same rows of ``v`` are gathered into a second output (the
-    values beside the keys), else the second output is ``None``."""
+    (a column slice of the fused projection is fine), at the rows ``rows`` (``None``: all),
+    with ``cos``/``sin`` ``[tokens, dim]`` of each source token: ``[rows, heads * repeat,
+    dim]``, each head repeated ``repeat`` times in place (grouped-query attention for a
+    kernel that needs as many key heads as query heads). ``values`` (same layout as ``x``):
+    its same rows and heads, without RoPE, as the second output (else ``None``)."""
     if _use_kernels(x) and _kernel_shape_ok(x.shape[1] // heads):
-        return _rope_heads_kernel(x, heads, cos, sin, norm, rows, copy)
+        return _rope_heads_kernel(x, heads, cos, sin, norm, rows, values, repeat)
     out = _rope_heads_reference(x, heads, cos, sin, norm, rows)
-    if copy is None:
-        return out, None
-    v, v_heads = copy
-    v = v.reshape(v.shape[0], v_heads, -1)
-    return out, v if rows is None else v.index_select(0, rows)
+    out = out if repeat == 1 else out.repeat_interleave(repeat, dim=1)
+    return out, None if values is None else _gather_heads(values, heads, rows, repeat)
 
 
 def gated_act(gate_up: Tensor, kind: str | None, act: Callable[[Tensor], Tensor]) -> Tensor:
@@ -149,23 +154,23 @@ def _rope_heads_kernel(
     sin: Tensor,
     norm: HeadNorm | None,
     rows: Tensor | None,
-    copy: tuple[Tensor, int] | None,
+    values: Tensor | None,
+    repeat: int,
 ) -> tuple[Tensor, Tensor | None]:
-    dim = x.shape[1] // heads
+    dim, out_heads = x.shape[1] // heads, heads * repeat
     count = x.shape[0] if rows is None else rows.shape[0]
-    out = x.new_empty(count, heads, dim)
-    v, v_heads = copy if copy is not None else (x, 0)
-    v_out = x.new_empty(count, v_heads, dim) if copy is not None else out
+    out = x.new_empty(count, out_heads, dim)
+    v_out = x.new_empty(count, out_heads, dim) if values is not None else out
+    v = values if values is not None else x
     cos, sin = cos.contiguous(), sin.contiguous()
     weight = norm.weight if norm is not None else cos  # unread without a norm
     _rope_heads_kernel_jit[(count,)](
         x, x.stride(0), v, v.stride(0), rows if rows is not None else cos, cos, sin, weight,
         out, v_out, norm.eps if norm is not None else 0.0,
-        HEADS=heads, HEADS_P2=_next_pow2(heads), V_HEADS=v_heads,
-        V_HEADS_P2=_next_pow2(max(v_heads, 1)), HALF=dim // 2,
-        INDEXED=rows is not None, NORM=norm is not None, COPY=copy is not None,
+        OUT_HEADS=out_heads, OUT_P2=_next_pow2(out_heads), REPEAT=repeat, HALF=dim // 2,
+        INDEXED=rows is not None, NORM=norm is not None, COPY=values is not None,
     )  # fmt: skip
-    return out, (v_out if copy is not None else None)
+    return out, (v_out if values is not None else None)
 
 
 def _gated_act_kernel(gate_up: Tensor, kind: str) -> Tensor:
@@ -186,18 +191,17 @@ if triton is not None:
     @triton.jit
     def _rope_heads_kernel_jit(  # type: ignore[no-untyped-def]
         x, x_stride, v, v_stride, rows, cos, sin, weight, out, v_out, eps,
-        HEADS: tl.constexpr, HEADS_P2: tl.constexpr, V_HEADS: tl.constexpr,
-        V_HEADS_P2: tl.constexpr, HALF: tl.constexpr,
-        INDEXED: tl.constexpr, NORM: tl.constexpr, COPY: tl.constexpr,
+        OUT_HEADS: tl.constexpr, OUT_P2: tl.constexpr, REPEAT: tl.constexpr,
+        HALF: tl.constexpr, INDEXED: tl.constexpr, NORM: tl.constexpr, COPY: tl.constexpr,
     ):  # fmt: skip
         i = tl.program_id(0).to(tl.int64)
         src = i
         if INDEXED:
             src = tl.load(rows + i).to(tl.int64)
-        h = tl.arange(0, HEADS_P2)[:, None]
+        h = tl.arange(0, OUT_P2)[:, None]  # output head; it reads source head h // REPEAT
         d = tl.arange(0, HALF)[None, :]
-        live = (h < HEADS) & (d < HALF)
-        base = x + src * x_stride + h * (2 * HALF) + d
+        live = (h < OUT_HEADS) & (d < HALF)
+        base = x + src * x_stride + (h // REPEAT) * (2 * HALF) + d
         a = tl.load(base, mask=live, other=0.0).to(tl.float32)
         b = tl.load(base + HALF, mask=live, other=0.0).to(tl.float32)
         if NORM:
@@ -209,15 +213,13 @@ if triton is not None:
         c2 = tl.load(cos + src * (2 * HALF) + HALF + d).to(tl.float32)
         s1 = tl.load(sin + src * (2 * HALF) + d).to(tl.float32)
         s2 = tl.load(sin + src * (2 * HALF) + HALF + d).to(tl.float32)
-        dst = out + i * (HEADS * 2 * HALF) + h * (2 * HALF) + d
-        tl.store(dst, (a * c1 - b * s1).to(out.dtype.element_ty), mask=live)
-        tl.store(dst + HALF, (b * c2 + a * s2).to(out.dtype.element_ty), mask=live)
+        dst = i * (OUT_HEADS * 2 * HALF) + h * (2 * HALF) + d
+        tl.store(out + dst, (a * c1 - b * s1).to(out.dtype.element_ty), mask=live)
+        tl.store(out + dst + HALF, (b * c2 + a * s2).to(out.dtype.element_ty), mask=live)
         if COPY:
-            vh = tl.arange(0, V_HEADS_P2)[:, None]
-            e = tl.arange(0, 2 * HALF)[None, :]
-            vlive = (vh < V_HEADS) & (e < 2 * HALF)
-            vals = tl.load(v + src * v_stride + vh * (2 * HALF) + e, mask=vlive)
-            tl.store(v_out + i * (V_HEADS * 2 * HALF) + vh * (2 * HALF) + e, vals, mask=vlive)
+            vsrc = v + src * v_stride + (h // REPEAT) * (2 * HALF) + d
+            tl.store(v_out + dst, tl.load(vsrc, mask=live), mask=live)
+            tl.store(v_out + dst + HALF, tl.load(vsrc + HALF, mask=live), mask=live)
 
     @triton.jit
     def _gated_act_kernel_jit(  # type: ignore[no-untyped-def]

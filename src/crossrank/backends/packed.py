@@ -23,6 +23,7 @@ choice: ``docs/gpu-fast-path.md``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -283,7 +284,29 @@ def varlen_attention(
     return _attention_per_sequence(q, k, v, cu_host, scale, causal)
 
 
-_native_gqa = [True]  # PyTorch's flash kernel takes fewer key/value heads (until it refuses)
+def kv_heads_for_attention(device: torch.device, heads: int, kv_heads: int) -> int:
+    """Key/value heads :func:`varlen_attention` takes on ``device`` without copying them:
+    ``kv_heads`` where the kernel does grouped-query attention itself (the flash-attn
+    package; the CPU path), else ``heads`` (PyTorch's built-in flash kernel, in the builds
+    that refuse fewer key/value heads). A caller that already writes its keys out can write
+    them repeated for free instead of paying a copy here."""
+    if device.type != "cuda" or _flash_attn_varlen is not None or _torch_flash_gqa(device):
+        return kv_heads
+    return heads
+
+
+@functools.cache
+def _torch_flash_gqa(device: torch.device) -> bool:
+    """Whether PyTorch's flash kernel takes fewer key/value heads than query heads."""
+    q = torch.zeros(2, 2, 64, device=device, dtype=torch.float16)
+    kv = torch.zeros(2, 1, 64, device=device, dtype=torch.float16)
+    cu = torch.tensor([0, 2], device=device, dtype=torch.int32)
+    try:
+        torch.ops.aten._flash_attention_forward(q, kv, kv, cu, cu, 2, 2, 0.0, False, False)
+    except RuntimeError as err:
+        logger.info("flash attention repeats key/value heads (%s)", str(err).split("\n")[0])
+        return False
+    return True
 
 
 def _torch_flash(
@@ -297,23 +320,13 @@ def _torch_flash(
     scale: float,
     causal: bool,
 ) -> Tensor:
-    """PyTorch's built-in varlen flash kernel; grouped-query attention natively (the key and
-    value heads are not copied per query head), or by repeating them where a PyTorch build
-    refuses fewer key/value heads."""
-
-    def flash(keys: Tensor, values: Tensor) -> Tensor:
-        return torch.ops.aten._flash_attention_forward(
-            q, keys, values, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
-        )[0]
-
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and _native_gqa[0]:
-        try:
-            return flash(k, v)
-        except RuntimeError as err:
-            _native_gqa[0] = False
-            logger.info("flash attention without native grouped-query attention: %s", err)
-    return flash(*_repeat_kv(k, v, groups))
+    """PyTorch's built-in varlen flash kernel (key/value heads repeated where it needs)."""
+    if k.shape[1] != q.shape[1] and not _torch_flash_gqa(q.device):
+        k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
+    )
+    return out[0]
 
 
 def _repeat_kv(k: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor]:
