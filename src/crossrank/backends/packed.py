@@ -320,9 +320,15 @@ def _torch_flash(
     scale: float,
     causal: bool,
 ) -> Tensor:
-    """PyTorch's built-in varlen flash kernel (key/value heads repeated where it needs)."""
-    if k.shape[1] != q.shape[1] and not _torch_flash_gqa(q.device):
-        k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
+    """PyTorch's built-in varlen flash kernel (key/value heads repeated where it needs).
+
+    With fewer key heads and ``max_q == 1`` the kernel folds the query heads into the
+    sequence dimension, which assumes exactly one query per sequence (a shared-prefix
+    sequence has none); the bound 2 keeps the general path (it only sizes the grid)."""
+    if k.shape[1] != q.shape[1]:
+        if not _torch_flash_gqa(q.device):
+            k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
+        max_q = max(max_q, 2)
     out = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
     )
