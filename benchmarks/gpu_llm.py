@@ -210,13 +210,16 @@ class LlmBench:
 
         suffix = "" if share_prefix else ", no shared prefix"
         name = f"crossrank {label} ({runner.__class__.__name__}{suffix})"
-        diff = float(np.max(np.abs(self.parity_scores(engine) - self.ref32)))
+        diff = None
+        if self.ref32 is not None:
+            diff = float(np.max(np.abs(self.parity_scores(engine) - self.ref32)))
         row = self.measure(name, score, tokens)
-        row.max_diff = diff
-        row.note = (
-            f"max raw-score diff to the fp32 padded reference {diff:.3g} "
-            f"(padded {str(self.dtype).removeprefix('torch.')}: {self.padded_diff:.3g})"
-        )
+        if diff is not None:
+            row.max_diff = diff
+            row.note = (
+                f"max raw-score diff to the fp32 padded reference {diff:.3g} "
+                f"(padded {str(self.dtype).removeprefix('torch.')}: {self.padded_diff:.3g})"
+            )
         self.mfu(row, engine.model.config if engine.model is not None else None)
         engine.close()
         return row
@@ -336,7 +339,9 @@ class LlmBench:
     def shape(self, kind: str, model_dir: Path, root: Path, args: argparse.Namespace) -> None:
         """Every system on one model shape; the peers only for shapes named in ``--peers``."""
         label = kind if not args.quick else f"{kind} (tiny)"
-        self.guarded(f"padded references {label}", lambda: self.references(model_dir))
+        self.ref32 = None
+        if kind in args.parity.split(","):
+            self.guarded(f"padded references {label}", lambda: self.references(model_dir))
         self.guarded(f"crossrank {label}", lambda: self.crossrank(model_dir, label))
         if self.device.type == "cuda" and kind in args.ablation.split(","):
             self.guarded(
@@ -383,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--ablation", default="0.6b,gemma", help="shapes that also run without the shared prefix"
+    )
+    parser.add_argument(
+        "--parity", default="0.6b,gemma", help="shapes checked against the fp32 padded runner"
     )
     parser.add_argument("--repeats", type=int, default=3, help="bulk runs per system (best)")
     parser.add_argument("--device", default=None)
