@@ -21,10 +21,11 @@ A chunk that finds room on the device (fewer than ``depth`` passes queued, no pa
 is queued by the thread that tokenized it, as the in-process call does, not handed back to
 the event loop and on to the forward thread: each hand-over waits for the GIL, and while
 the next chunk is tokenized on another thread it waited up to the interpreter's 5 ms switch
-interval. Measured on a 2-core CPU with a fake device (11.6 ms per 1x50 pass, the H200's),
-real tokenizer, 1x50 XQuAD-R: tokenized-to-queued took 4.5 ms for the first chunk through
-the loop and the forward thread; ``Reranker.ascore_raw`` p50 went from 1.07x to
-~1.0x of ``Reranker.score`` (``docs/benchmarks.md``, server section).
+interval. Measured on a 2-core CPU with a fake device (a pass takes the H200's time for its
+tokens, 11.6 ms for 1x50, off the GIL), real tokenizer, 1x50 XQuAD-R, calls alternating:
+from tokenized to queued took 4.5 ms for the first chunk through the loop and the forward
+thread, 0.05 ms now; ``Reranker.ascore_raw`` p50 over ``Reranker.score`` p50 went from
+1.05-1.10x to 1.00-1.01x (``docs/benchmarks.md``, server section).
 """
 
 from __future__ import annotations
