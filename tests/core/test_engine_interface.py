@@ -161,6 +161,16 @@ def test_a_lone_async_call_is_chunked_and_queued_like_the_in_process_call(
         rr.close()
 
 
+def test_a_closed_reranker_refuses_async_calls(tiny_model_dir) -> None:
+    rr = Reranker(str(tiny_model_dir), device="cpu")
+    assert asyncio.run(rr.ascore(QUERY, ["a", "b"])).shape == (2,)
+    rr.close()
+    # a lone small call would be queued by the thread that tokenizes it, past every pool
+    # close() stops: the engine itself refuses it
+    with pytest.raises(RuntimeError, match="shutdown"):
+        asyncio.run(rr.ascore(QUERY, ["a", "b"]))
+
+
 def test_subscribe_is_used_by_the_event_loop_path_only(tiny_reranker) -> None:
     seen: list[int] = []
     stop = tiny_reranker.subscribe(lambda pairs, tokens: seen.append(pairs))
