@@ -12,6 +12,9 @@ Examples::
     python benchmarks/load.py --random tiny --clients 8 --requests 200
     # a local model directory, on the GPU
     python benchmarks/load.py --model /models/bge-reranker-v2-m3 --device cuda --clients 32
+    # the server process alone without the tokenizer's own threads, and a shorter GIL switch
+    python benchmarks/load.py --random full --device cuda --clients 32 \
+        --server-env TOKENIZERS_PARALLELISM=false --switch-interval 0.0005
     # an already running server (the offline ratio needs --model too)
     python benchmarks/load.py --url http://127.0.0.1:8000 --model /models/bge-reranker-v2-m3
 
@@ -190,7 +193,9 @@ def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen
     cmd = [
         sys.executable,
         "-c",
-        SERVE,
+        SERVE
+        if args.switch_interval is None
+        else f"import sys; sys.setswitchinterval({args.switch_interval}); {SERVE}",
         "--model",
         model,
         "--port",
@@ -205,7 +210,8 @@ def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen
     if args.max_batch_tokens:
         cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
     log = tempfile.NamedTemporaryFile(prefix="crossrank-serve-", suffix=".log", delete=False)  # noqa: SIM115 (the server writes it for its whole life)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    env = {**os.environ, **dict(item.split("=", 1) for item in args.server_env)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
@@ -271,10 +277,27 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="An environment variable for the server process only (repeatable), e.g. "
+        "TOKENIZERS_PARALLELISM=false, while the in-process figures keep this environment.",
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the server process (seconds; Python's default 0.005): "
+        "how long a thread that wants the GIL waits before the holder must give it up.",
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
         parser.error("--url must point at this machine (127.0.0.1, localhost or ::1)")
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
     if args.requests < 1 or args.clients < 1 or args.docs < 1:
         parser.error("--requests, --clients and --docs must be positive")
 
