@@ -12,10 +12,21 @@ Examples::
     python benchmarks/load.py --random tiny --clients 8 --requests 200
     # a local model directory, on the GPU
     python benchmarks/load.py --model /models/bge-reranker-v2-m3 --device cuda --clients 32
+    # the server process alone without the tokenizer's own threads, and a shorter GIL switch
+    python benchmarks/load.py --random full --device cuda --clients 32 \
+        --server-env TOKENIZERS_PARALLELISM=false --switch-interval 0.0005
     # an already running server (the offline ratio needs --model too)
     python benchmarks/load.py --url http://127.0.0.1:8000 --model /models/bge-reranker-v2-m3
 
 The server runs in its own process (as in production) unless ``--url`` is given.
+
+Where a lone client's latency goes is reported in parts, each a p50 over the same 1x50
+requests: ``inprocess_p50_ms`` (``Reranker.score``), ``inprocess_async_p50_ms``
+(``Reranker.ascore_raw`` on an event loop, the engine path the server takes),
+``http_floor_p50_ms`` (the same bodies sent to the server with ``top_n: 0``, which it reads,
+parses and refuses with a 422 without scoring: transport, JSON, validation and the client
+library), and the server's forward passes during the run (``passes``, ``pairs_per_pass``,
+``tokens_per_pass``, from its ``/metrics``: whether concurrent requests were merged).
 """
 
 from __future__ import annotations
@@ -110,6 +121,59 @@ def inprocess_p50_ms(reranker: Reranker, work: list[tuple[str, list[str]]]) -> f
     return float(np.median(times[5:] or times)) * 1000
 
 
+def inprocess_async_p50_ms(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
+    """Median latency of one request through the engine's async path in-process
+    (``Reranker.ascore_raw``, what the server awaits)."""
+
+    async def run() -> list[float]:
+        times = []
+        for query, docs in work[:40]:
+            start = time.perf_counter()
+            await reranker.ascore_raw(query, docs)
+            times.append(time.perf_counter() - start)
+        return times
+
+    times = asyncio.run(run())
+    return float(np.median(times[5:] or times)) * 1000
+
+
+def http_floor_p50_ms(url: str, work: list[tuple[str, list[str]]]) -> float:
+    """Median round trip of the same bodies refused after parsing (``top_n: 0`` is a 422):
+    what HTTP, JSON, validation and the client cost without any scoring."""
+
+    async def run() -> list[float]:
+        times = []
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            for query, docs in work[:40]:
+                start = time.perf_counter()
+                r = await http.post(
+                    "/v2/rerank", json={"query": query, "documents": docs, "top_n": 0}
+                )
+                times.append(time.perf_counter() - start)
+                if r.status_code != 422:
+                    sys.exit(f"expected a 422 for top_n=0, got {r.status_code}: {r.text[:200]}")
+        return times
+
+    times = asyncio.run(run())
+    return float(np.median(times[5:] or times)) * 1000
+
+
+def pass_counts(url: str) -> tuple[float, float, float]:
+    """The server's forward passes so far: (passes, pairs, tokens), from ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = dict.fromkeys(
+        ("crossrank_batch_pairs_count", "crossrank_batch_pairs_sum", "crossrank_batch_tokens_sum"),
+        0.0,
+    )
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name in found:
+                found[sample.name] = float(sample.value)
+    passes, pairs, tokens = found.values()
+    return passes, pairs, tokens
+
+
 def offline_pairs_per_s(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
     pairs = [(q, d) for q, docs in work for d in docs]
     reranker.score_pairs(pairs[:64])  # warm up
@@ -129,7 +193,9 @@ def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen
     cmd = [
         sys.executable,
         "-c",
-        SERVE,
+        SERVE
+        if args.switch_interval is None
+        else f"import sys; sys.setswitchinterval({args.switch_interval}); {SERVE}",
         "--model",
         model,
         "--port",
@@ -144,7 +210,8 @@ def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen
     if args.max_batch_tokens:
         cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
     log = tempfile.NamedTemporaryFile(prefix="crossrank-serve-", suffix=".log", delete=False)  # noqa: SIM115 (the server writes it for its whole life)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    env = {**os.environ, **dict(item.split("=", 1) for item in args.server_env)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
@@ -210,10 +277,27 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="An environment variable for the server process only (repeatable), e.g. "
+        "TOKENIZERS_PARALLELISM=false, while the in-process figures keep this environment.",
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the server process (seconds; Python's default 0.005): "
+        "how long a thread that wants the GIL waits before the holder must give it up.",
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
         parser.error("--url must point at this machine (127.0.0.1, localhost or ::1)")
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
     if args.requests < 1 or args.clients < 1 or args.docs < 1:
         parser.error("--requests, --clients and --docs must be positive")
 
@@ -222,7 +306,7 @@ def main() -> None:
         model = None if args.url and not args.model else model_path(args, tmp)
         reranker = None
         offline: list[float] = []
-        single_ms = None
+        single_ms = single_async_ms = None
         if model is not None:  # measured before the server starts and after it stops
             reranker = Reranker(
                 model,
@@ -232,6 +316,7 @@ def main() -> None:
             )
             offline.append(offline_pairs_per_s(reranker, work))
             single_ms = inprocess_p50_ms(reranker, work)
+            single_async_ms = inprocess_async_p50_ms(reranker, work)
         proc = None
         url = args.url
         if url is None:
@@ -239,9 +324,12 @@ def main() -> None:
             proc, url = start_server(args, model)
         try:
             asyncio.run(drive(url, work[: args.clients], args.clients, args.max_seconds))  # warm
+            floor_ms = http_floor_p50_ms(url, work)
+            before = pass_counts(url)
             latencies, pairs, failures, wall = asyncio.run(
                 drive(url, work, args.clients, args.max_seconds)
             )
+            passes, pass_pairs, pass_tokens = np.subtract(pass_counts(url), before)
         finally:
             if proc is not None:
                 proc.terminate()
@@ -268,6 +356,11 @@ def main() -> None:
         "offline_pairs_per_s": [round(x, 1) for x in offline] or None,  # before, after
         "server_to_offline": round(pairs / wall / float(np.mean(offline)), 3) if offline else None,
         "inprocess_p50_ms": round(single_ms, 1) if single_ms is not None else None,
+        "inprocess_async_p50_ms": round(single_async_ms, 1) if single_async_ms else None,
+        "http_floor_p50_ms": round(floor_ms, 1),
+        "passes": int(passes),
+        "pairs_per_pass": round(pass_pairs / passes, 1) if passes else None,
+        "tokens_per_pass": round(pass_tokens / passes) if passes else None,
     }
     if args.json:
         print(json.dumps(report), flush=True)

@@ -16,6 +16,16 @@ remaining pairs are dropped before they reach the model. :meth:`MicroBatcher.sub
 gives a lone request the in-process call's overlap: its first small chunk is queued while
 the next chunks are tokenized (a request that finds the queue busy is tokenized in one
 chunk: it is merged with the others' pairs anyway).
+
+A chunk that finds room on the device (fewer than ``depth`` passes queued, no pairs waiting)
+is queued by the thread that tokenized it, as the in-process call does, not handed back to
+the event loop and on to the forward thread: each hand-over waits for the GIL, and while
+the next chunk is tokenized on another thread it waited up to the interpreter's 5 ms switch
+interval. Measured on a 2-core CPU with a fake device (a pass takes the H200's time for its
+tokens, 11.6 ms for 1x50, off the GIL), real tokenizer, 1x50 XQuAD-R, calls alternating:
+from tokenized to queued took 4.5 ms for the first chunk through the loop and the forward
+thread, 0.05 ms now; ``Reranker.ascore_raw`` p50 over ``Reranker.score`` p50 went from
+1.05-1.10x to 1.00-1.01x (``docs/benchmarks.md``, server section).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,7 +178,8 @@ class MicroBatcher:
         self._requests: deque[_Request] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._arrived: asyncio.Event | None = None
-        self._inflight = 0
+        self._inflight = 0  # passes the worker queued and has not handed out yet
+        self._direct = 0  # chunks being queued, or queued, by the thread that tokenized them
         # Waits for queued passes (they finish in order): a thread of the queue's own, so that
         # a finished pass is noticed at once, never behind tokenization queued on the loop's
         # default executor (which left the device idle while requests waited).
@@ -182,7 +193,7 @@ class MicroBatcher:
     @property
     def busy(self) -> bool:
         """Whether a new request would wait: pairs are queued, or ``depth`` passes are."""
-        return self._inflight >= self.depth or self.pending_pairs > 0
+        return self._inflight + self._direct >= self.depth or self.pending_pairs > 0
 
     def close(self) -> None:
         """Stop the thread that waits for passes (a wait still running ends with its pass)."""
@@ -209,20 +220,86 @@ class MicroBatcher:
         self._check_room(sum(sizes))
         if self.busy:
             sizes = [sum(sizes)]
-        loop = asyncio.get_running_loop()
         queued: list[asyncio.Future[np.ndarray]] = []
+        cancelled = threading.Event()
         try:
             lo = 0
             for size in sizes:
-                encoded = await loop.run_in_executor(executor, encode, lo, lo + size)
-                queued.append(self._enqueue(encoded))
+                queued.append(await self._chunk(encode, lo, lo + size, executor, cancelled))
                 lo += size
             parts = [await future for future in queued]
         except BaseException:
+            cancelled.set()
             for future in queued:
                 future.cancel()
             raise
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    async def _chunk(
+        self,
+        encode: Callable[[int, int], EncodedPairs],
+        lo: int,
+        hi: int,
+        executor: Executor | None,
+        cancelled: threading.Event,
+    ) -> asyncio.Future[np.ndarray]:
+        """Tokenize pairs ``lo..hi-1`` on ``executor``; the future of their scores. With room
+        on the device the tokenizing thread queues them itself, as one pass (a chunk over the
+        token budget goes through the queue instead); otherwise they join the queue."""
+        loop = asyncio.get_running_loop()
+        if self.busy:
+            return self._enqueue(await loop.run_in_executor(executor, encode, lo, hi))
+        self._direct += 1  # counts as a queued pass from now: later requests see the room taken
+        try:
+            encoded, waited = await loop.run_in_executor(
+                executor, self._encode_and_queue, encode, lo, hi, cancelled
+            )
+        except BaseException:
+            cancelled.set()  # a chunk still being tokenized is not queued after all
+            self._direct_done()
+            raise
+        if waited is None:  # over the budget: its passes are cut by the worker
+            self._direct_done()
+            return self._enqueue(encoded)
+        scores: asyncio.Future[np.ndarray] = asyncio.wrap_future(waited, loop=loop)
+        scores.add_done_callback(lambda done: self._direct_finished(encoded, done))
+        return scores
+
+    def _encode_and_queue(
+        self,
+        encode: Callable[[int, int], EncodedPairs],
+        lo: int,
+        hi: int,
+        cancelled: threading.Event,
+    ) -> tuple[EncodedPairs, Future[np.ndarray] | None]:
+        """On the tokenizing thread: encode, and queue the chunk as one pass unless it is
+        over the token budget (then ``None``: the caller queues it). Its scores are waited
+        for on the collector thread."""
+        encoded = encode(lo, hi)
+        if len(encoded) == 0 or batch_cost(encoded.lengths, packed=self._packed) > self._budget:
+            return encoded, None
+        if cancelled.is_set():  # the request went away while it was tokenized
+            raise CancelledError("request cancelled")
+        pending = self._submit(encoded)
+        return encoded, self._collector.submit(pending)
+
+    def _direct_finished(self, encoded: EncodedPairs, done: asyncio.Future[np.ndarray]) -> None:
+        """A pass the tokenizing thread queued is over: count it, or log its failure."""
+        self._direct_done()
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            logger.error(
+                "forward pass failed for %d pairs", len(encoded), exc_info=done.exception()
+            )
+        elif self._observer is not None:
+            self._observer(len(encoded), batch_cost(encoded.lengths, packed=self._packed))
+
+    def _direct_done(self) -> None:
+        """One fewer pass queued outside the worker: room for the worker's waiting pairs."""
+        self._direct -= 1
+        if self._requests:
+            self._wake()
 
     def _check_room(self, n: int) -> None:
         limit = self.max_pending_pairs
@@ -238,11 +315,15 @@ class MicroBatcher:
             return future
         order = np.argsort(-encoded.lengths, kind="stable")
         self._requests.append(_Request(encoded, future, order, np.empty(n, dtype=np.float32)))
+        self._wake()
+        return future
+
+    def _wake(self) -> None:
+        """Have the worker look at the queue again (started if it is not running)."""
         if self._arrived is not None:
             self._arrived.set()
         if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._run())
-        return future
+            self._worker = asyncio.get_running_loop().create_task(self._run())
 
     def _next_batch(self) -> _Batch | None:
         """Take pairs round-robin from live requests until the token budget is reached."""
@@ -277,13 +358,14 @@ class MicroBatcher:
         self._inflight = 0
         while True:
             self._arrived.clear()
-            while len(inflight) < self.depth and (batch := self._next_batch()) is not None:
+            while self._room(inflight) and (batch := self._next_batch()) is not None:
                 self._inflight = len(inflight) + 1  # taken from the queue: counts as queued
                 inflight.append((batch, await self._queue(batch)))
             if not inflight:
-                return
+                return  # pairs left waiting for room are picked up when a direct pass ends
             oldest = inflight[0][1]
-            if len(inflight) < self.depth:  # room for more: also wake when a request arrives
+            if self._room(inflight) or self._direct:  # room now, or once a direct pass ends:
+                # also wake when a request arrives or a direct pass ends
                 arrived = asyncio.ensure_future(self._arrived.wait())
                 either: set[asyncio.Future[Any]] = {oldest, arrived}
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -301,6 +383,10 @@ class MicroBatcher:
                 inflight.popleft()
                 self._inflight = len(inflight)
             self._deliver(batch, scores)
+
+    def _room(self, inflight: deque[Any]) -> bool:
+        """Whether the worker may queue another pass (the tokenizing threads' count too)."""
+        return len(inflight) + self._direct < self.depth
 
     async def _queue(self, batch: _Batch) -> asyncio.Future[np.ndarray]:
         """Queue ``batch`` on the device; the future waits for its scores on the collector."""

@@ -126,6 +126,7 @@ class Reranker(PeerCompat):
             weakref.WeakKeyDictionary()
         )
         self._observers = Observers()
+        self._closed = False
 
     def __repr__(self) -> str:
         return (
@@ -292,7 +293,10 @@ class Reranker(PeerCompat):
 
         A ``max_pending_pairs`` given here becomes the queue's limit (beyond it
         :meth:`MicroBatcher.submit` raises ``QueueFullError``), also for a queue that exists.
+        After :meth:`close` it raises a ``RuntimeError``.
         """
+        if self._closed:  # a queue may queue passes from any thread: refuse here, not there
+            raise RuntimeError("cannot schedule new scoring after shutdown (Reranker.close)")
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is not None and max_pending_pairs is not None:
@@ -324,6 +328,7 @@ class Reranker(PeerCompat):
 
     def close(self) -> None:
         """Stop the worker threads (the micro-batching queues' too)."""
+        self._closed = True
         for batcher in list(self._batchers.values()):
             batcher.close()
         self._executor.shutdown(wait=True)

@@ -4,6 +4,7 @@ checks that need the model."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -116,6 +117,58 @@ def test_overlap_options_split_tokenization_into_chunks(tiny_model_dir, tiny_rer
         assert encoded == [4]
     finally:
         rr.close()
+
+
+def test_a_lone_async_call_is_chunked_and_queued_like_the_in_process_call(
+    tiny_model_dir, tiny_reranker
+) -> None:
+    rr = Reranker(
+        str(tiny_model_dir),
+        device="cpu",
+        fast_path=True,  # the packed runner: the overlap path applies
+        overlap_min_pairs=4,
+        overlap_first_chunk=2,
+        overlap_chunk_pairs=4,
+    )
+    events: list[tuple[str, int, str]] = []
+    encode, worker = rr.tokenizer.encode, rr._devices.workers[0]
+    submit = worker.submit
+
+    def encoding(queries, documents, **kwargs):
+        events.append(("encode", len(documents), threading.current_thread().name))
+        return encode(queries, documents, **kwargs)
+
+    def queueing(encoded):
+        events.append(("pass", len(encoded), threading.current_thread().name))
+        return submit(encoded)
+
+    rr.tokenizer.encode = encoding  # type: ignore[method-assign]
+    worker.submit = queueing  # type: ignore[method-assign]
+    try:
+        docs = [f"document {i} about planets " * (1 + i % 3) for i in range(11)]
+        got, _ = asyncio.run(rr.ascore_raw(QUERY, docs))
+        np.testing.assert_allclose(
+            got, tiny_reranker.score(QUERY, docs, normalize=False), atol=1e-4
+        )
+        # the chunks of the synchronous call (2, 4, 5), each queued as one pass by the thread
+        # that tokenized it, before the next chunk is tokenized
+        assert [(kind, n) for kind, n, _ in events] == [
+            (kind, n) for n in (2, 4, 5) for kind in ("encode", "pass")
+        ]
+        assert all(events[k][2] == events[k + 1][2] for k in range(0, 6, 2))
+        assert not any(name.startswith("crossrank-forward") for *_, name in events)
+    finally:
+        rr.close()
+
+
+def test_a_closed_reranker_refuses_async_calls(tiny_model_dir) -> None:
+    rr = Reranker(str(tiny_model_dir), device="cpu")
+    assert asyncio.run(rr.ascore(QUERY, ["a", "b"])).shape == (2,)
+    rr.close()
+    # a lone small call would be queued by the thread that tokenizes it, past every pool
+    # close() stops: the engine itself refuses it
+    with pytest.raises(RuntimeError, match="shutdown"):
+        asyncio.run(rr.ascore(QUERY, ["a", "b"]))
 
 
 def test_subscribe_is_used_by_the_event_loop_path_only(tiny_reranker) -> None:

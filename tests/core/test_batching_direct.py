@@ -1,0 +1,165 @@
+"""A chunk that finds room on the device is queued by the thread that tokenized it, as the
+in-process call queues it (no hand-over to the event loop and the forward thread); such passes
+count towards the queue's depth, so later requests still wait for room and are merged, and
+they are observed, and fail, like the worker's passes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from crossrank.batching import MicroBatcher
+from crossrank.tokenization import EncodedPairs
+from tests.core.test_batching_concurrency import release, submits, until
+from tests.core.test_microbatcher_pipeline import SlowRunner, encoded_of
+
+
+class ForwardExecutor(ThreadPoolExecutor):
+    """The queue's forward thread, counting what was queued through it."""
+
+    def __init__(self) -> None:
+        super().__init__(1, thread_name_prefix="forward")
+        self.ran = 0
+
+    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        self.ran += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+class ThreadRecorder:
+    """A fake device (``SlowRunner``) and an encoder that note the thread of every call."""
+
+    def __init__(self) -> None:
+        self.runner = SlowRunner()
+        self.calls: list[tuple[str, int, str]] = []
+
+    def encode(self, lo: int, hi: int) -> EncodedPairs:
+        self.calls.append(("encode", hi - lo, threading.current_thread().name))
+        return encoded_of([10] * (hi - lo), 1000 + lo)
+
+    def submit(self, encoded: EncodedPairs):
+        self.calls.append(("submit", len(encoded), threading.current_thread().name))
+        return self.runner.submit(encoded)
+
+
+@pytest.fixture
+def recorder():
+    rec = ThreadRecorder()
+    yield rec
+    rec.runner.released.release(1000)  # no thread is left waiting for a pass
+
+
+def test_a_lone_request_is_queued_by_the_threads_that_tokenize_it(recorder) -> None:
+    with ForwardExecutor() as forward:
+        batcher = MicroBatcher(
+            submit=recorder.submit, batch_tokens=10_000, packed=True, executor=forward
+        )
+
+        async def main() -> np.ndarray:
+            return (
+                await asyncio.gather(
+                    batcher.submit_overlapped(recorder.encode, [2, 6]), release(recorder.runner, 2)
+                )
+            )[0]
+
+        scores = asyncio.run(main())
+    assert scores.tolist() == list(range(1000, 1008))
+    assert [(kind, n) for kind, n, _ in recorder.calls] == [
+        ("encode", 2),
+        ("submit", 2),
+        ("encode", 6),
+        ("submit", 6),
+    ]
+    encoded_on = [t for kind, _, t in recorder.calls if kind == "encode"]
+    queued_on = [t for kind, _, t in recorder.calls if kind == "submit"]
+    assert queued_on == encoded_on  # each chunk queued where it was tokenized
+    assert forward.ran == 0  # nothing went through the worker's forward thread
+
+
+def test_a_chunk_over_the_budget_is_cut_into_passes_by_the_worker(recorder) -> None:
+    with ForwardExecutor() as forward:
+        batcher = MicroBatcher(
+            submit=recorder.submit, batch_tokens=30, packed=True, executor=forward
+        )
+
+        async def main() -> np.ndarray:
+            return (
+                await asyncio.gather(
+                    batcher.submit_overlapped(recorder.encode, [2, 6]), release(recorder.runner, 3)
+                )
+            )[0]
+
+        scores = asyncio.run(main())
+    assert scores.tolist() == list(range(1000, 1008))
+    passes = [(n, t) for kind, n, t in recorder.calls if kind == "submit"]
+    assert passes[0][0] == 2 and passes[0][1] != "forward_0"  # 20 tokens: queued directly
+    assert sorted(n for n, _ in passes[1:]) == [3, 3]  # 60 tokens: two passes of the budget
+    assert all(t.startswith("forward") for _, t in passes[1:])
+
+
+def test_direct_passes_take_the_room_of_queued_passes(recorder) -> None:
+    runner = recorder.runner
+    with ForwardExecutor() as forward:
+        batcher = MicroBatcher(
+            submit=recorder.submit, batch_tokens=10_000, packed=True, executor=forward, depth=2
+        )
+
+        async def main() -> tuple[np.ndarray, list[np.ndarray]]:
+            lone = asyncio.ensure_future(batcher.submit_overlapped(recorder.encode, [2, 6]))
+            await until(lambda: submits(runner) == 2)  # both chunks queued directly
+            assert batcher.busy
+            later = [batcher.submit(encoded_of([10] * 3, 100 * (k + 1))) for k in range(3)]
+            rest = asyncio.ensure_future(asyncio.gather(*later))
+            await asyncio.sleep(0.05)
+            assert submits(runner) == 2  # no room: the later requests wait
+            await release(runner, 1)  # the first direct pass ends: room for one pass
+            await until(lambda: submits(runner) == 3)
+            await release(runner, 2)
+            return await lone, await rest
+
+        lone, rest = asyncio.run(main())
+    assert lone.tolist() == list(range(1000, 1008))
+    assert [r.tolist() for r in rest] == [[100 * (k + 1) + i for i in range(3)] for k in range(3)]
+    assert submits(recorder.runner) == 3  # the three later requests went in one pass
+    assert forward.ran == 1
+
+
+def test_direct_passes_are_observed_and_a_failure_fails_only_its_request() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def submit(encoded: EncodedPairs):
+        if (encoded.ids == 666).any():
+            raise RuntimeError("device fault")
+        scores = encoded.ids[encoded.offsets].astype(np.float32)
+        return lambda: scores
+
+    def encode_from(first: int) -> Callable[[int, int], EncodedPairs]:
+        return lambda lo, hi: encoded_of([4] * (hi - lo), first + lo)
+
+    with ThreadPoolExecutor(1) as forward:
+        batcher = MicroBatcher(
+            submit=submit,
+            batch_tokens=100,
+            packed=True,
+            executor=forward,
+            observer=lambda pairs, tokens: seen.append((pairs, tokens)),
+        )
+
+        async def main() -> tuple[np.ndarray, np.ndarray]:
+            with pytest.raises(RuntimeError, match="device fault"):
+                await batcher.submit_overlapped(encode_from(666), [1, 2])
+            assert not batcher.busy  # the failed pass gave its room back
+            return (
+                await batcher.submit_overlapped(encode_from(10), [2, 3]),
+                await batcher.submit(encoded_of([4, 4], 1)),
+            )
+
+        direct, queued = asyncio.run(main())
+    assert direct.tolist() == [10, 11, 12, 13, 14]
+    assert queued.tolist() == [1, 2]
+    assert seen == [(2, 8), (3, 12), (2, 8)]  # the failed pass is not counted
