@@ -54,20 +54,23 @@ def recorder():
     rec.runner.released.release(1000)  # no thread is left waiting for a pass
 
 
-def test_a_lone_request_is_queued_by_the_threads_that_tokenize_it(recorder) -> None:
+def overlapped(recorder, batch_tokens: int, passes: int) -> tuple[np.ndarray, int]:
+    """Scores of one 2 + 6 pair request through a MicroBatcher of ``batch_tokens`` (its
+    ``passes`` passes released), and how many passes its forward thread ran."""
     with ForwardExecutor() as forward:
         batcher = MicroBatcher(
-            submit=recorder.submit, batch_tokens=10_000, packed=True, executor=forward
+            submit=recorder.submit, batch_tokens=batch_tokens, packed=True, executor=forward
         )
 
         async def main() -> np.ndarray:
-            return (
-                await asyncio.gather(
-                    batcher.submit_overlapped(recorder.encode, [2, 6]), release(recorder.runner, 2)
-                )
-            )[0]
+            request = batcher.submit_overlapped(recorder.encode, [2, 6])
+            return (await asyncio.gather(request, release(recorder.runner, passes)))[0]
 
-        scores = asyncio.run(main())
+        return asyncio.run(main()), forward.ran
+
+
+def test_a_lone_request_is_queued_by_the_threads_that_tokenize_it(recorder) -> None:
+    scores, forward_ran = overlapped(recorder, batch_tokens=10_000, passes=2)
     assert scores.tolist() == list(range(1000, 1008))
     assert [(kind, n) for kind, n, _ in recorder.calls] == [
         ("encode", 2),
@@ -78,23 +81,11 @@ def test_a_lone_request_is_queued_by_the_threads_that_tokenize_it(recorder) -> N
     encoded_on = [t for kind, _, t in recorder.calls if kind == "encode"]
     queued_on = [t for kind, _, t in recorder.calls if kind == "submit"]
     assert queued_on == encoded_on  # each chunk queued where it was tokenized
-    assert forward.ran == 0  # nothing went through the worker's forward thread
+    assert forward_ran == 0  # nothing went through the worker's forward thread
 
 
 def test_a_chunk_over_the_budget_is_cut_into_passes_by_the_worker(recorder) -> None:
-    with ForwardExecutor() as forward:
-        batcher = MicroBatcher(
-            submit=recorder.submit, batch_tokens=30, packed=True, executor=forward
-        )
-
-        async def main() -> np.ndarray:
-            return (
-                await asyncio.gather(
-                    batcher.submit_overlapped(recorder.encode, [2, 6]), release(recorder.runner, 3)
-                )
-            )[0]
-
-        scores = asyncio.run(main())
+    scores, _ = overlapped(recorder, batch_tokens=30, passes=3)
     assert scores.tolist() == list(range(1000, 1008))
     passes = [(n, t) for kind, n, t in recorder.calls if kind == "submit"]
     assert passes[0][0] == 2 and passes[0][1] != "forward_0"  # 20 tokens: queued directly

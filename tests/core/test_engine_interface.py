@@ -88,15 +88,20 @@ def test_options_that_need_the_model_name_their_param(tiny_model_dir) -> None:
     assert err.value.param == "chunk_overlap"
 
 
-def test_overlap_options_split_tokenization_into_chunks(tiny_model_dir, tiny_reranker) -> None:
-    rr = Reranker(
-        str(tiny_model_dir),
+def chunking_reranker(model_dir) -> Reranker:
+    """The packed runner (where overlap applies), chunking 11 pairs into 2, 4 and 5."""
+    return Reranker(
+        str(model_dir),
         device="cpu",
-        fast_path=True,  # the packed runner: the overlap path applies
+        fast_path=True,
         overlap_min_pairs=4,
         overlap_first_chunk=2,
         overlap_chunk_pairs=4,
     )
+
+
+def test_overlap_options_split_tokenization_into_chunks(tiny_model_dir, tiny_reranker) -> None:
+    rr = chunking_reranker(tiny_model_dir)
     encoded: list[int] = []
     original = rr.tokenizer.encode
 
@@ -122,14 +127,7 @@ def test_overlap_options_split_tokenization_into_chunks(tiny_model_dir, tiny_rer
 def test_a_lone_async_call_is_chunked_and_queued_like_the_in_process_call(
     tiny_model_dir, tiny_reranker
 ) -> None:
-    rr = Reranker(
-        str(tiny_model_dir),
-        device="cpu",
-        fast_path=True,  # the packed runner: the overlap path applies
-        overlap_min_pairs=4,
-        overlap_first_chunk=2,
-        overlap_chunk_pairs=4,
-    )
+    rr = chunking_reranker(tiny_model_dir)
     events: list[tuple[str, int, str]] = []
     encode, worker = rr.tokenizer.encode, rr._devices.workers[0]
     submit = worker.submit
