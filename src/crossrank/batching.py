@@ -25,7 +25,8 @@ interval. Measured on a 2-core CPU with a fake device (a pass takes the H200's t
 tokens, 11.6 ms for 1x50, off the GIL), real tokenizer, 1x50 XQuAD-R, calls alternating:
 from tokenized to queued took 4.5 ms for the first chunk through the loop and the forward
 thread, 0.05 ms now; ``Reranker.ascore_raw`` p50 over ``Reranker.score`` p50 went from
-1.05-1.10x to 1.00-1.01x (``docs/benchmarks.md``, server section).
+1.05-1.09x to 1.02x. On one H200 (real model shape, ``benchmarks/load.py``): 17.6 ms async
+against 18.0 ms sync (``docs/benchmarks.md``, server section).
 """
 
 from __future__ import annotations
