@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_llm import build_model
-from gpu_peers import load_workload
+from gpu_peers import load_workload, timed
 
 from crossrank import Reranker
 from crossrank.backends.decoder_packed import common_prefix, pack_with_prefix
@@ -36,14 +36,7 @@ from crossrank.backends.packed import varlen_attention
 
 def wall_ms(fn: Callable[[], Any], n: int = 15) -> float:
     """Median wall time of ``fn`` in ms, the GPU drained before and after each call."""
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return 1e3 * statistics.median(timed(fn, torch.device("cuda")) for _ in range(n))
 
 
 def gpu_us(fn: Callable[[], Any], n: int = 20) -> float:

@@ -74,21 +74,21 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def _rope_heads_reference(
-    x: Tensor, heads: int, cos: Tensor, sin: Tensor, norm: HeadNorm | None, rows: Tensor | None
-) -> Tensor:
-    x = x.reshape(x.shape[0], heads, -1)
-    if rows is not None:
-        x, cos, sin = x.index_select(0, rows), cos.index_select(0, rows), sin.index_select(0, rows)
-    if norm is not None:
-        x = F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return _rotate(x, cos.to(x.dtype), sin.to(x.dtype))
-
-
 def _gather_heads(x: Tensor, heads: int, rows: Tensor | None, repeat: int) -> Tensor:
     x = x.reshape(x.shape[0], heads, -1)
     x = x if rows is None else x.index_select(0, rows)
     return x if repeat == 1 else x.repeat_interleave(repeat, dim=1)
+
+
+def _rope_heads_reference(
+    x: Tensor, heads: int, cos: Tensor, sin: Tensor, norm: HeadNorm | None, rows: Tensor | None
+) -> Tensor:
+    x = _gather_heads(x, heads, rows, 1)
+    if rows is not None:
+        cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
+    if norm is not None:
+        x = F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return _rotate(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 # ------------------------------------------------------------------------------ public

@@ -270,7 +270,8 @@ def varlen_attention(
     ``causal``: aligned bottom-right, query ``j`` of a sequence with ``a`` queries and ``b``
     keys sees keys ``0 .. j + b - a`` (so queries that follow a shared prefix see all of it).
     CUDA: flash attention over cumulative sequence lengths (``flash_attn_varlen_func`` when the
-    flash-attn package is installed, else PyTorch's built-in flash kernel). Elsewhere (tests):
+    flash-attn package is installed, else PyTorch's built-in flash kernel, with the key/value
+    heads repeated where that build refuses fewer of them). Elsewhere (tests):
     scaled-dot-product attention per sequence, from the host copies in ``cu_host``.
     """
     if q.is_cuda:
@@ -278,7 +279,17 @@ def varlen_attention(
             return _flash_attn_varlen(
                 q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal
             )
-        return _torch_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)
+        if k.shape[1] != q.shape[1]:
+            if not _torch_flash_gqa(q.device):
+                k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
+            # with fewer key heads and max_q == 1 PyTorch's kernel folds the query heads into
+            # the sequence dimension, which assumes one query per sequence (a shared-prefix
+            # sequence has none); the bound 2 keeps the general path (it only sizes the grid)
+            max_q = max(max_q, 2)
+        flash = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
+        )
+        return flash[0]
     if cu_host is None:
         cu_host = (cu_q.tolist(), cu_k.tolist())
     return _attention_per_sequence(q, k, v, cu_host, scale, causal)
@@ -307,32 +318,6 @@ def _torch_flash_gqa(device: torch.device) -> bool:
         logger.info("flash attention repeats key/value heads (%s)", str(err).split("\n")[0])
         return False
     return True
-
-
-def _torch_flash(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_q: Tensor,
-    cu_k: Tensor,
-    max_q: int,
-    max_k: int,
-    scale: float,
-    causal: bool,
-) -> Tensor:
-    """PyTorch's built-in varlen flash kernel (key/value heads repeated where it needs).
-
-    With fewer key heads and ``max_q == 1`` the kernel folds the query heads into the
-    sequence dimension, which assumes exactly one query per sequence (a shared-prefix
-    sequence has none); the bound 2 keeps the general path (it only sizes the grid)."""
-    if k.shape[1] != q.shape[1]:
-        if not _torch_flash_gqa(q.device):
-            k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
-        max_q = max(max_q, 2)
-    out = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
-    )
-    return out[0]
 
 
 def _repeat_kv(k: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor]:
