@@ -8,7 +8,9 @@ layer, the folded residual biases, order restore and the CUDA-graph input layout
 
 from __future__ import annotations
 
+import gc
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from crossrank import Reranker
 from crossrank.backends import torch_runner as choose_runner
 from crossrank.backends.base import TorchPaddedRunner
 from crossrank.backends.packed import (
+    _GC_PAUSE,
     PackedOptions,
     PackedRunner,
     _Graph,
@@ -213,3 +216,37 @@ def test_kendall_tau() -> None:
     )
     with pytest.raises(ValueError, match="differ in shape"):
         kendall_tau(a, a[:3])
+
+
+def test_gc_pause_holds_collection_off_until_the_last_capture_ends() -> None:
+    """Graph captures pause the garbage collector (a collection there would run CUDA
+    deleters) instead of collecting first; overlapping captures on two threads keep it off
+    until both end, and a collector the user had turned off stays off."""
+    assert gc.isenabled()
+    first_in, second_done, release = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def second() -> None:
+        first_in.wait()
+        with _GC_PAUSE:
+            seen.append(gc.isenabled())
+        second_done.set()
+        release.wait()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with _GC_PAUSE:
+        first_in.set()
+        second_done.wait()
+        seen.append(gc.isenabled())  # the other capture ended: still paused for this one
+    release.set()
+    thread.join()
+    assert seen == [False, False]
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _GC_PAUSE:
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
