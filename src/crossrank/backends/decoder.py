@@ -52,7 +52,7 @@ from crossrank.tokenization import (
     window_layout,
     windows_cover,
 )
-from crossrank.validation import scrub_surrogates
+from crossrank.validation import check_instruction, scrub_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -260,13 +260,39 @@ class PromptTokenizer(PairTokenizer):
         bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
         self._bos = [int(bos)] if family.bos and bos is not None and bos != pad else []
         self.answer_ids = answer_token_ids(family, tokenizer)
-        self.special_tokens_in_pair = len(self._rows([""], [""], self.instruction)[0])
+        self.special_tokens_in_pair = self.template_tokens()
         if query_max_length + self.special_tokens_in_pair >= max_length:
             raise ValueError(
                 f"query_max_length={query_max_length} leaves no room for the document within "
                 f"max_length={max_length} (the {family.name} template takes "
                 f"{self.special_tokens_in_pair} tokens)"
             )
+
+    def check_instruction(self, instruction: Any) -> str | None:
+        """A call's ``instruction``: ``None`` for the tokenizer's own (also when it is given
+        again), else the ``str``, once checked to leave a query of ``query_max_length`` tokens
+        room for at least one document token (the check the constructor makes for its own);
+        an :class:`~crossrank.errors.OptionError` naming ``instruction`` otherwise."""
+        instruction = check_instruction(instruction, decoder=True)
+        if instruction is None or instruction == self.instruction:
+            return None
+        fixed = self.template_tokens(instruction)
+        if fixed + self.query_max_length >= self.max_length:
+            raise OptionError(
+                "instruction",
+                f"instruction makes the {self.family.name} prompt {fixed} tokens long without "
+                f"its query and document, which leaves a query of up to query_max_length="
+                f"{self.query_max_length} tokens no room for the document within max_length="
+                f"{self.max_length}; shorten the instruction",
+            )
+        return instruction
+
+    def template_tokens(self, instruction: str | None = None) -> int:
+        """Tokens of the prompt with an empty query and document and ``instruction``
+        (``None``: the tokenizer's), the pieces tokenized as :meth:`encode` does, uncut."""
+        chosen = self.instruction if instruction is None else instruction
+        texts = [s.format(instruction=chosen, query="", document="") for s in self.family.segments]
+        return len(self._bos) + sum(map(len, self._encode_texts(texts, None, offsets=False)))
 
     def encode(
         self,
