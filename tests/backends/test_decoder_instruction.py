@@ -2,7 +2,10 @@
 (sync and async, pairs, rerank, the overlapped packed path, ``max_doc_tokens``, chunk mode)
 scores as an engine built with that instruction, and as the model card's recipe with it; the
 score cache keeps instructions apart; an encoder model, a bad type and an instruction that
-leaves no room are refused naming ``instruction``. Tiny random Qwen3-Reranker, fp32 CPU."""
+leaves no room are refused naming ``instruction``. The peers' ``prompt=`` is that instruction:
+against sentence-transformers' ``CrossEncoder`` (Qwen3 seq-cls conversion, its chat template)
+and FlagEmbedding's ``FlagLLMReranker`` recipe (bge-reranker-v2-gemma). Tiny random models,
+fp32 CPU."""
 
 from __future__ import annotations
 
@@ -11,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from crossrank import Reranker
 from crossrank.backends.decoder import QWEN3
 from crossrank.errors import OptionError, OptionTypeError
 
 from .llm_assets import SAMPLE_DOCUMENTS, SAMPLE_QUERIES
-from .test_decoder import card_scores
+from .test_decoder import card_scores, flag_llm_scores
 
 QUERY = SAMPLE_QUERIES[0]
 OTHER = "Given a question, retrieve passages written in Chinese"
@@ -183,3 +187,52 @@ def test_bad_or_too_long_instructions_are_named(default: Reranker):
             with pytest.raises(OptionError, match="max_length=256; shorten the instruction") as e:
                 call(QUERY, ["x"], instruction=too_long)
             assert e.value.param == "instruction"
+
+
+# The Qwen3-Reranker chat template sentence-transformers (>= 5.4) renders pairs with: the
+# system message (a predict/rank ``prompt``) is the <Instruct> line. Copied from
+# sentence-transformers' tests/cross_encoder/test_model.py (test_qwen3_reranker_with_chat_template).
+ST_QWEN3_TEMPLATE = """\
+<|im_start|>system
+Judge whether the Document meets the requirements based on the Query and the Instruct provided. \
+Note that the answer can only be "yes" or "no".<|im_end|>
+<|im_start|>user
+<Instruct>: {{ messages | selectattr("role", "eq", "system") | map(attribute="content") | first \
+| default("Given a web search query, retrieve relevant passages that answer the query") }}
+<Query>: {{ messages | selectattr("role", "eq", "query") | map(attribute="content") | first }}
+<Document>: {{ messages | selectattr("role", "eq", "document") | map(attribute="content") \
+| first }}<|im_end|>
+<|im_start|>assistant
+<think>\n\n</think>\n\n\n"""
+
+
+def test_sentence_transformers_prompt_is_the_instruction(tiny_qwen3_seq_cls_dir: Path):
+    st = pytest.importorskip("sentence_transformers")
+    identity = torch.nn.Identity()
+    peer = st.CrossEncoder(
+        str(tiny_qwen3_seq_cls_dir),
+        activation_fn=identity,
+        processor_kwargs={"chat_template": ST_QWEN3_TEMPLATE},
+        model_kwargs={"torch_dtype": torch.float32},
+    )
+    engine = Reranker(str(tiny_qwen3_seq_cls_dir), **ENGINE)
+    got = engine.predict(PAIRS, activation_fn=identity, prompt=OTHER)
+    np.testing.assert_allclose(got, peer.predict(PAIRS, prompt=OTHER), atol=1e-4)
+    np.testing.assert_allclose(
+        engine.predict(PAIRS, activation_fn=identity), peer.predict(PAIRS), atol=1e-4
+    )
+    assert np.abs(got - peer.predict(PAIRS)).max() > 1e-3
+    ranked = engine.rank(QUERY, SAMPLE_DOCUMENTS, activation_fn=identity, prompt=OTHER)
+    peer_ranked = peer.rank(QUERY, SAMPLE_DOCUMENTS, prompt=OTHER)
+    assert [r["corpus_id"] for r in ranked] == [r["corpus_id"] for r in peer_ranked]
+
+
+def test_flag_llm_reranker_prompt_is_the_instruction(tiny_gemma_dir: Path):
+    prompt = "Given a query A and a passage B, say whether B is written in the language of A."
+    engine = Reranker(str(tiny_gemma_dir), device="cpu", max_length=512)
+    pairs = [(QUERY, d) for d in SAMPLE_DOCUMENTS]
+    got = engine.compute_score(pairs, prompt=prompt)
+    np.testing.assert_allclose(
+        got, flag_llm_scores(tiny_gemma_dir, pairs, prompt=prompt), atol=1e-4
+    )
+    assert np.abs(np.array(got) - engine.compute_score(pairs)).max() > 1e-3
