@@ -231,17 +231,20 @@ class PromptTokenizer(PairTokenizer):
     """Encodes (query, document) pairs as a decoder family's prompt.
 
     Same interface as :class:`PairTokenizer` (``encode``, ``encode_windows``,
-    ``cap_queries``, ``cap_documents``, ``token_counts``, ``pad_id``, ``max_length``,
-    ``query_max_length``), so the engine can use either; it reuses the parent's public
-    machinery (shared Rust backend, documents cut before tokenizing, crossrank's thread
-    pool, cancel events) and overrides only the public encode methods. ``max_length``
+    ``cap_queries``, ``cap_documents``, ``token_counts``, ``check_instruction``,
+    ``template_tokens``, ``pad_id``, ``max_length``, ``query_max_length``), so the engine can
+    use either; it reuses the parent's public machinery (shared Rust backend, documents cut
+    before tokenizing, crossrank's thread pool, cancel events) and overrides only the public
+    encode methods and the two instruction methods. ``max_length``
     counts every token of the prompt. Queries are capped at ``query_max_length`` tokens (as
     text, like the encoder path); the document segment is then cut at its end so the prompt
     fits. ``special_tokens_in_pair`` is the template's token count with an empty query and
     document (the instruction included), i.e. what the engine must reserve besides the
     query and the document; a pair's length is that plus its query and document counts,
     give or take a token where the byte-level BPE merges across a boundary (e.g. a query's
-    final "?" with the template's newline).
+    final "?" with the template's newline). A call's own instruction (``instruction=`` of
+    :meth:`encode`, checked by :meth:`check_instruction`) replaces the tokenizer's for that
+    call; :meth:`template_tokens` counts its template.
     """
 
     def __init__(
