@@ -145,6 +145,9 @@ def test_chunk_mode_and_the_cache_keep_instructions_apart(tiny_qwen3_dir: Path):
     np.testing.assert_allclose([s for _, s, _ in other], [s for _, s, _ in expected], atol=1e-6)
     assert ranked(cached) == first and ranked(cached, instruction=OTHER) == other
     assert (cached.cache_stats.hits, cached.cache_stats.misses) == (4, 4)
+    # the engine's own instruction, given per call, has the engine's keys
+    assert ranked(cached, instruction=QWEN3.default_instruction) == first
+    assert (cached.cache_stats.hits, cached.cache_stats.misses) == (6, 4)
     assert {s for _, s, _ in first}.isdisjoint(s for _, s, _ in other)
 
 
