@@ -36,6 +36,7 @@ import string
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -263,7 +264,9 @@ class PromptTokenizer(PairTokenizer):
         bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
         self._bos = [int(bos)] if family.bos and bos is not None and bos != pad else []
         self.answer_ids = answer_token_ids(family, tokenizer)
-        self.special_tokens_in_pair = self.template_tokens()
+        # a call's instruction is counted once (server clients reuse a few instructions)
+        self._template_counts = lru_cache(maxsize=256)(self._count_template)
+        self.special_tokens_in_pair = self._count_template(self.instruction)
         if query_max_length + self.special_tokens_in_pair >= max_length:
             raise ValueError(
                 f"query_max_length={query_max_length} leaves no room for the document within "
@@ -292,9 +295,16 @@ class PromptTokenizer(PairTokenizer):
 
     def template_tokens(self, instruction: str | None = None) -> int:
         """Tokens of the prompt with an empty query and document and ``instruction``
-        (``None``: the tokenizer's), the pieces tokenized as :meth:`encode` does, uncut."""
-        chosen = self.instruction if instruction is None else instruction
-        texts = [s.format(instruction=chosen, query="", document="") for s in self.family.segments]
+        (``None``: the tokenizer's, ``special_tokens_in_pair``)."""
+        if instruction is None or instruction == self.instruction:
+            return self.special_tokens_in_pair
+        return int(self._template_counts(instruction))
+
+    def _count_template(self, instruction: str) -> int:
+        """:meth:`template_tokens`, counted: the pieces tokenized as :meth:`encode` does, uncut."""
+        texts = [
+            s.format(instruction=instruction, query="", document="") for s in self.family.segments
+        ]
         return len(self._bos) + sum(map(len, self._encode_texts(texts, None, offsets=False)))
 
     def encode(
