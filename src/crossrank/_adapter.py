@@ -6,6 +6,8 @@ Their engine fields are generated from :func:`crossrank.options.option_fields` a
 by building an :class:`~crossrank.options.EngineOptions`, so an option is declared once.
 The peers' parameter names that mean the same thing (``model_name``, ``use_fp16``,
 ``model_kwargs``, ``score_threshold``, ...) are translated here, once for every adapter.
+``instruction`` (decoder rerankers) is the one option an adapter passes per call instead
+(:data:`PER_CALL`): adapters with different instructions share one loaded engine.
 Needs pydantic, which both frameworks bring; the core package does not import this module.
 """
 
@@ -103,6 +105,10 @@ def translate_peer_names(data: Any) -> Any:
     return data
 
 
+#: Engine options an adapter passes with each call rather than to the shared engine.
+PER_CALL = ("instruction",)
+_ENGINE_OPTIONS = [f for f in option_fields(flags_only=False) if f.name not in PER_CALL]
+
 #: One optional field per engine option (``None``: the engine's default), generated from
 #: the single declaration in :mod:`crossrank.options`; secrets stay out of ``repr``.
 EngineOptionFields: type[BaseModel] = create_model(  # type: ignore[call-overload]
@@ -110,10 +116,10 @@ EngineOptionFields: type[BaseModel] = create_model(  # type: ignore[call-overloa
     __config__=ConfigDict(arbitrary_types_allowed=True),
     **{
         f.name: (Any, Field(default=None, description=f.help, repr=not f.secret))
-        for f in option_fields(flags_only=False)
+        for f in _ENGINE_OPTIONS
     },
 )
-_OPTION_NAMES = tuple(f.name for f in option_fields(flags_only=False))
+_OPTION_NAMES = tuple(f.name for f in _ENGINE_OPTIONS)
 
 
 class _EngineHandle:
@@ -144,6 +150,11 @@ class EngineConfig(EngineOptionFields):  # type: ignore[misc,valid-type]
     model: str | Reranker = Field(
         default=DEFAULT_MODEL,
         description="Hugging Face id or local path of a reranker, or a loaded crossrank.Reranker.",
+    )
+    instruction: str | None = Field(
+        default=None,
+        description="Decoder (LLM) rerankers: the task instruction of each call's prompt "
+        "(None: the engine's); an encoder cross-encoder refuses one when it scores.",
     )
 
     _handle: _EngineHandle = PrivateAttr(default_factory=_EngineHandle)
@@ -234,7 +245,9 @@ class RankingConfig(EngineConfig):
         if not texts:
             check_query(query)
             return []
-        return self.engine.rerank(query, texts, top_n=self.top_n, threshold=self.threshold)
+        return self.engine.rerank(
+            query, texts, top_n=self.top_n, threshold=self.threshold, instruction=self.instruction
+        )
 
     async def arank(self, query: str, texts: list[str]) -> list[RerankResult]:
         """Async :meth:`rank` through the engine's micro-batching queue."""
@@ -242,7 +255,9 @@ class RankingConfig(EngineConfig):
             check_query(query)
             return []
         engine = await self.aengine()
-        return await engine.arerank(query, texts, top_n=self.top_n, threshold=self.threshold)
+        return await engine.arerank(
+            query, texts, top_n=self.top_n, threshold=self.threshold, instruction=self.instruction
+        )
 
 
 def span_metadata(result: RerankResult) -> dict[str, list[int]]:

@@ -3,8 +3,9 @@
 RAG pipelines rerank the same popular documents for the same or repeated queries over and
 over. A cache entry is the pair's *raw* score (so the per-call ``normalize`` override still
 applies) and, in chunk mode, its best span. Keys hash everything that changes a score: the
-model id, revision and dtype, the length limits, the long-document settings, the query and
-the document (blake2b, so no text is stored in the cache server).
+model id, revision and dtype, the length limits, the long-document settings, a decoder
+prompt's family and instruction (a call's own instruction too), the query and the document
+(blake2b, so no text is stored in the cache server).
 
 Backends implement the two-method :class:`Cache` protocol: :class:`MemoryCache` (an
 in-process LRU from ``cachetools``) and :class:`RedisCache` (shared by several server
@@ -37,6 +38,9 @@ _T = TypeVar("_T")
 BACKOFF_START = 1.0
 #: Longest wait between retries of a failed backend.
 BACKOFF_MAX = 30.0
+
+#: Hashed where a key's query length would be when a per-call instruction follows.
+_INSTRUCTION_MARK = (2**64 - 1).to_bytes(8, "little")
 
 _SCORE = struct.Struct("<f")
 _SCORE_SPAN = struct.Struct("<fqq")
@@ -202,11 +206,25 @@ class ScoreCache:
         with self._lock:
             return CacheStats(self._hits, self._misses, self._errors, self._backoff == 0.0)
 
-    def keys(self, queries: Sequence[str], documents: Sequence[str]) -> list[str]:
-        """One key per pair; the query is length-prefixed so (q, d) pairs cannot collide."""
+    def keys(
+        self, queries: Sequence[str], documents: Sequence[str], instruction: str | None = None
+    ) -> list[str]:
+        """One key per pair; the query is length-prefixed so (q, d) pairs cannot collide.
+
+        ``instruction`` is a call's decoder-prompt instruction other than the one the
+        fingerprint holds (``None``: that one, with the keys it always had). It is hashed
+        ahead of the query as :data:`_INSTRUCTION_MARK` (where a key without one has its
+        query's length, which can never be 2**64 - 1 bytes), then its length and bytes: each
+        hashed message still reads back one way only, so no two (instruction, query,
+        document) triples share one.
+        """
+        head = hashlib.blake2b(self._prefix, digest_size=20)
+        if instruction is not None:
+            encoded = instruction.encode("utf-8", "surrogatepass")
+            head.update(_INSTRUCTION_MARK + len(encoded).to_bytes(8, "little") + encoded)
         out = []
         for query, document in zip(queries, documents, strict=True):
-            digest = hashlib.blake2b(self._prefix, digest_size=20)
+            digest = head.copy()
             encoded_query = query.encode("utf-8", "surrogatepass")
             digest.update(len(encoded_query).to_bytes(8, "little"))
             digest.update(encoded_query)

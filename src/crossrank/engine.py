@@ -15,6 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,12 @@ class Reranker(PeerCompat):
     difference ``logit[1] - logit[0]``, whose sigmoid is that same probability).
 
     Decoder (LLM) rerankers (Qwen3-Reranker, bge-reranker-v2-gemma) are detected from the
-    config and scored from their answer-token logits (``docs/llm-rerankers.md``). Long
+    config and scored from their answer-token logits (``docs/llm-rerankers.md``). Every
+    scoring method takes ``instruction=``: for a decoder, the task instruction of this call's
+    prompts (``None``: the engine's ``instruction`` option), scored and cached exactly as by
+    an engine built with it (with this engine's ``query_max_length``); for an encoder, or an
+    instruction that leaves no room for the document, an
+    :class:`~crossrank.errors.OptionError` naming ``instruction``. Long
     documents (``long_docs="chunk"``: every window scored, ``RerankResult.best_span`` the best
     window's characters), the score cache and every other option are described once, in
     the ``Args`` of ``__init__`` (:class:`~crossrank.options.EngineOptions`).
@@ -160,15 +166,17 @@ class Reranker(PeerCompat):
         normalize: bool | None = None,
         max_doc_tokens: int | None = None,
         show_progress: bool = False,
+        instruction: str | None = None,
     ) -> np.ndarray:
         """Score each document against ``query``; float32 array of shape ``(len(documents),)``.
 
         ``normalize`` overrides the instance setting for this call (``None`` keeps it).
         ``max_doc_tokens`` first cuts each document to that many tokens (``None``: only
-        ``max_length``, or chunk mode, decides).
+        ``max_length``, or chunk mode, decides). ``instruction``: see the class docstring.
         """
         docs = check_score_args(query, documents, max_doc_tokens)
-        scored = self._scores([query] * len(docs), docs, show_progress, max_doc_tokens)
+        instruction = self.tokenizer.check_instruction(instruction)
+        scored = self._scores([query] * len(docs), docs, show_progress, max_doc_tokens, instruction)
         return self._finish(scored.raw, normalize)
 
     def score_pairs(
@@ -177,10 +185,13 @@ class Reranker(PeerCompat):
         *,
         normalize: bool | None = None,
         show_progress: bool = False,
+        instruction: str | None = None,
     ) -> np.ndarray:
         """Score ``[(query, document), ...]``; float32 array in input order."""
         queries, docs = check_pairs(pairs)
-        return self._finish(self._scores(queries, docs, show_progress).raw, normalize)
+        instruction = self.tokenizer.check_instruction(instruction)
+        scored = self._scores(queries, docs, show_progress, instruction=instruction)
+        return self._finish(scored.raw, normalize)
 
     def rerank(
         self,
@@ -190,6 +201,7 @@ class Reranker(PeerCompat):
         threshold: float | None = None,
         *,
         show_progress: bool = False,
+        instruction: str | None = None,
     ) -> list[RerankResult]:
         """Rank ``documents`` for ``query``, best first.
 
@@ -199,9 +211,9 @@ class Reranker(PeerCompat):
         character span of the document's best window.
         """
         docs, top_n, threshold = check_rerank_args(query, documents, top_n, threshold)
-        return self._ranked(
-            docs, self._scores([query] * len(docs), docs, show_progress), top_n, threshold
-        )
+        instruction = self.tokenizer.check_instruction(instruction)
+        scored = self._scores([query] * len(docs), docs, show_progress, instruction=instruction)
+        return self._ranked(docs, scored, top_n, threshold)
 
     # ---------------------------------------------------------------- public async API
     async def ascore(
@@ -211,14 +223,22 @@ class Reranker(PeerCompat):
         *,
         normalize: bool | None = None,
         max_doc_tokens: int | None = None,
+        instruction: str | None = None,
     ) -> np.ndarray:
         """Async :meth:`score`: tokenization and forward passes run off the event loop, and
-        concurrent calls are merged into shared forward passes."""
-        raw, _ = await self.ascore_raw(query, documents, max_doc_tokens=max_doc_tokens)
+        concurrent calls are merged into shared forward passes (whatever their instruction)."""
+        raw, _ = await self.ascore_raw(
+            query, documents, max_doc_tokens=max_doc_tokens, instruction=instruction
+        )
         return self._finish(raw, normalize)
 
     async def ascore_raw(
-        self, query: str, documents: Sequence[str], *, max_doc_tokens: int | None = None
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        max_doc_tokens: int | None = None,
+        instruction: str | None = None,
     ) -> tuple[np.ndarray, int]:
         """Raw scores (input order) and the tokens the forward passes computed for them
         (pairs answered by the score cache cost none): what a server reports as usage.
@@ -228,15 +248,23 @@ class Reranker(PeerCompat):
         model.
         """
         docs = check_score_args(query, documents, max_doc_tokens)
-        scored, tokens = await self._ascores([query] * len(docs), docs, max_doc_tokens)
+        instruction = self.tokenizer.check_instruction(instruction)
+        queries = [query] * len(docs)
+        scored, tokens = await self._ascores(queries, docs, max_doc_tokens, instruction)
         return scored.raw, tokens
 
     async def ascore_pairs(
-        self, pairs: Sequence[tuple[str, str]], *, normalize: bool | None = None
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        normalize: bool | None = None,
+        instruction: str | None = None,
     ) -> np.ndarray:
         """Async :meth:`score_pairs`."""
         queries, docs = check_pairs(pairs)
-        return self._finish((await self._ascores(queries, docs))[0].raw, normalize)
+        instruction = self.tokenizer.check_instruction(instruction)
+        scored, _ = await self._ascores(queries, docs, instruction=instruction)
+        return self._finish(scored.raw, normalize)
 
     async def arerank(
         self,
@@ -244,26 +272,33 @@ class Reranker(PeerCompat):
         documents: Sequence[str],
         top_n: int | None = None,
         threshold: float | None = None,
+        *,
+        instruction: str | None = None,
     ) -> list[RerankResult]:
         """Async :meth:`rerank`."""
         docs, top_n, threshold = check_rerank_args(query, documents, top_n, threshold)
-        scored, _ = await self._ascores([query] * len(docs), docs)
+        instruction = self.tokenizer.check_instruction(instruction)
+        scored, _ = await self._ascores([query] * len(docs), docs, instruction=instruction)
         return self._ranked(docs, scored, top_n, threshold)
 
     # ------------------------------------------------------------- server interface
-    def first_overlong(self, query: str, texts: Sequence[str]) -> int | None:
-        """The index of the first text whose pair with ``query`` would be cut to fit
-        ``max_length`` (``None`` when every pair fits): the check behind a server's "do not
-        truncate" option. In chunk mode long texts are scored window by window, never cut,
-        so only the query is checked. A query over ``query_max_length`` tokens (it would be
-        cut in every pair) raises a ``ValueError`` saying so."""
+    def first_overlong(
+        self, query: str, texts: Sequence[str], *, instruction: str | None = None
+    ) -> int | None:
+        """The index of the first text whose pair with ``query`` (and a decoder prompt's
+        ``instruction``) would be cut to fit ``max_length`` (``None`` when every pair fits):
+        the check behind a server's "do not truncate" option. In chunk mode long texts are
+        scored window by window, never cut, so only the query is checked. A query over
+        ``query_max_length`` tokens (it would be cut in every pair) raises a ``ValueError``
+        saying so."""
         docs = check_score_args(query, texts)
         tok = self.tokenizer
+        fixed = tok.template_tokens(tok.check_instruction(instruction))
         texts_to_count = [query] if self.long_docs.chunked else [query, *docs]
         counts = tok.token_counts(texts_to_count, at_most=tok.max_length)  # bounded work
         if counts[0] > tok.query_max_length:
             raise ValueError(f"query has more than the limit of {tok.query_max_length} tokens")
-        over = np.flatnonzero(counts[0] + counts[1:] + tok.special_tokens_in_pair > tok.max_length)
+        over = np.flatnonzero(counts[0] + counts[1:] + fixed > tok.max_length)
         return int(over[0]) if len(over) else None
 
     def subscribe(self, observer: BatchObserver) -> Callable[[], None]:
@@ -277,15 +312,18 @@ class Reranker(PeerCompat):
         queries: Sequence[str],
         documents: Sequence[str],
         cancel: threading.Event | None = None,
+        *,
+        instruction: str | None = None,
     ) -> EncodedPairs:
         """Tokenize validated pairs (batched fast-tokenizer calls on crossrank's threads;
-        ``cancel`` stops it between chunks with ``concurrent.futures.CancelledError``).
+        ``cancel`` stops it between chunks with ``concurrent.futures.CancelledError``), with
+        a decoder prompt's ``instruction`` (``None``: the engine's).
 
         In chunk mode a long document gives several rows (its windows, the first
         ``max_windows``), mapped back to their pair by ``pair_index``; fold row scores with
         :func:`crossrank.longdoc.aggregate`.
         """
-        return self.long_docs.encode(self.tokenizer, queries, documents, cancel)
+        return self.long_docs.encode(self.tokenizer, queries, documents, cancel, instruction)
 
     def batcher(self, max_pending_pairs: int | None = None) -> MicroBatcher:
         """The micro-batching queue of the running event loop (created on first use): the
@@ -336,14 +374,19 @@ class Reranker(PeerCompat):
 
     # -------------------------------------------------------------------- internals
     def _score_texts(
-        self, queries: list[str], documents: list[str], show_progress: bool
+        self,
+        queries: list[str],
+        documents: list[str],
+        show_progress: bool,
+        instruction: str | None,
     ) -> np.ndarray:
+        encode = partial(self.encode, instruction=instruction)
         sizes = overlap_sizes(len(documents), self.options, packed=self.runner.packed)
         if sizes is not None and not show_progress:
             return score_overlapped(
-                self.encode, self._submit_encoded, queries, documents, sizes, self._call_pool
+                encode, self._submit_encoded, queries, documents, sizes, self._call_pool
             )
-        return self._score_encoded(self.encode(queries, documents), show_progress)
+        return self._score_encoded(encode(queries, documents), show_progress)
 
     def _score_encoded(self, encoded: EncodedPairs, show_progress: bool = False) -> np.ndarray:
         if show_progress and not self._devices.spreads(encoded):
@@ -365,15 +408,22 @@ class Reranker(PeerCompat):
         documents: list[str],
         show_progress: bool = False,
         max_doc_tokens: int | None = None,
+        instruction: str | None = None,
     ) -> DocScores:
+        """Raw scores of checked pairs (``instruction`` checked too: ``None`` for the engine's)."""
         if not self._jobs.needed(max_doc_tokens):
             # the common path: one score per pair, tokenization overlapped with the GPU
-            return DocScores(self._score_texts(queries, documents, show_progress), None)
-        job = self._jobs.prepare(queries, documents, max_doc_tokens)
+            raw = self._score_texts(queries, documents, show_progress, instruction)
+            return DocScores(raw, None)
+        job = self._jobs.prepare(queries, documents, max_doc_tokens, instruction=instruction)
         return self._jobs.complete(job, self._score_encoded(job.encoded, show_progress))
 
     async def _ascores(
-        self, queries: list[str], documents: list[str], max_doc_tokens: int | None = None
+        self,
+        queries: list[str],
+        documents: list[str],
+        max_doc_tokens: int | None = None,
+        instruction: str | None = None,
     ) -> tuple[DocScores, int]:
         """Scores and the tokens computed for them. Cancelling the caller stops its
         tokenization between chunks and drops its pairs not yet sent to the model."""
@@ -381,9 +431,9 @@ class Reranker(PeerCompat):
         cancel = threading.Event()
         try:
             if not self._jobs.needed(max_doc_tokens):
-                return await self._ascores_overlapped(queries, documents, cancel)
+                return await self._ascores_overlapped(queries, documents, cancel, instruction)
             job = await loop.run_in_executor(
-                None, self._jobs.prepare, queries, documents, max_doc_tokens, cancel
+                None, self._jobs.prepare, queries, documents, max_doc_tokens, cancel, instruction
             )
             rows = await self.batcher().submit(job.encoded)
         except BaseException:
@@ -395,14 +445,18 @@ class Reranker(PeerCompat):
         return scored, job.encoded.total_tokens
 
     async def _ascores_overlapped(
-        self, queries: list[str], documents: list[str], cancel: threading.Event
+        self,
+        queries: list[str],
+        documents: list[str],
+        cancel: threading.Event,
+        instruction: str | None,
     ) -> tuple[DocScores, int]:
         """The common async path, as :meth:`_score_texts`: a small first chunk is queued
         while the rest is tokenized."""
         tokens = [0]
 
         def encode(lo: int, hi: int) -> EncodedPairs:
-            encoded = self.encode(queries[lo:hi], documents[lo:hi], cancel)
+            encoded = self.encode(queries[lo:hi], documents[lo:hi], cancel, instruction=instruction)
             tokens[0] += encoded.total_tokens
             return encoded
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -55,19 +56,21 @@ class Jobs:
         documents: list[str],
         max_doc_tokens: int | None = None,
         cancel: threading.Event | None = None,
+        instruction: str | None = None,
     ) -> Job:
-        """Look the pairs up in the cache and tokenize the misses (runs off the event loop)."""
+        """Look the pairs up in the cache and tokenize the misses (runs off the event loop);
+        ``instruction`` is a decoder prompt's for this call (``None``: the engine's)."""
         if max_doc_tokens is not None and documents:
             documents = self.tokenizer.cap_documents(documents, max_doc_tokens)
+        encode = partial(
+            self.long_docs.encode, self.tokenizer, cancel=cancel, instruction=instruction
+        )
         if self.cache is None:
-            misses = np.arange(len(documents))
-            return Job(misses, self.long_docs.encode(self.tokenizer, queries, documents, cancel))
-        keys = self.cache.keys(queries, documents)
+            return Job(np.arange(len(documents)), encode(queries, documents))
+        keys = self.cache.keys(queries, documents, instruction)
         hit, raw, spans = self.cache.get(keys)
         misses = np.flatnonzero(~hit)
-        encoded = self.long_docs.encode(
-            self.tokenizer, [queries[i] for i in misses], [documents[i] for i in misses], cancel
-        )
+        encoded = encode([queries[i] for i in misses], [documents[i] for i in misses])
         return Job(misses, encoded, keys, DocScores(raw, spans))
 
     def complete(self, job: Job, rows: np.ndarray) -> DocScores:

@@ -97,7 +97,8 @@ class CrossRankCrossEncoder(EngineConfig, BaseCrossEncoder):
         """Scores of ``[(query, document), ...]`` in input order, as plain floats."""
         if not check_pairs(text_pairs)[0]:
             return []
-        scores: list[float] = self.engine.score_pairs(text_pairs).tolist()
+        raw = self.engine.score_pairs(text_pairs, instruction=self.instruction)
+        scores: list[float] = raw.tolist()
         return scores
 
 

@@ -81,10 +81,12 @@ class LongDocs:
         queries: Sequence[str],
         documents: Sequence[str],
         cancel: threading.Event | None = None,
+        instruction: str | None = None,
     ) -> EncodedPairs:
         """``tokenizer``'s rows for validated pairs: one per pair (cut to ``max_length``), or
         in chunk mode a long document's windows (its first ``max_windows``), mapped back to
-        their pair by ``pair_index``. ``cancel`` stops it between chunks."""
+        their pair by ``pair_index``. ``cancel`` stops it between chunks; ``instruction`` is
+        a decoder prompt's for this call (``None``: the tokenizer's)."""
         if self.chunked:
             return tokenizer.encode_windows(
                 queries,
@@ -93,8 +95,9 @@ class LongDocs:
                 overlap=self.chunk_overlap,
                 max_windows=self.max_windows,
                 cancel=cancel,
+                instruction=instruction,
             )
-        return tokenizer.encode(queries, documents, cancel=cancel)
+        return tokenizer.encode(queries, documents, cancel=cancel, instruction=instruction)
 
     def fingerprint(self) -> str:
         """The settings that change a document's score, for cache keys."""

@@ -241,7 +241,8 @@ class EngineOptions:
     instruction: str | None = option(
         None,
         "Decoder rerankers: the task instruction put in the prompt (default: the family's, "
-        "e.g. Qwen3-Reranker's web-search one); refused for encoder cross-encoders.",
+        "e.g. Qwen3-Reranker's web-search one; a scoring call's instruction= replaces it for "
+        "that call); refused for encoder cross-encoders.",
         _optional_str,
     )
     cache: Any = option(

@@ -11,7 +11,15 @@ both is tested on the same weights (tests/core/test_peer_api.py, CPU fp32, atol 
 
 Accepted but without effect: ``batch_size`` (the engine cuts batches by its token budget,
 ``batch_tokens``). Refused with a message: arguments that would change the scores in ways
-the engine fixes at construction (``max_length``, ``device``, prompts).
+the engine fixes at construction (``max_length``, ``device``, ``prompt_name``).
+
+``prompt`` is the peers' per-call instruction of an LLM reranker, and becomes the engine's
+``instruction=`` for a decoder model: sentence-transformers (>= 5.4) passes it to a chat
+template as the system message, which its Qwen3-Reranker template renders as the
+``<Instruct>:`` line (the default instruction when none is given), and FlagEmbedding's
+``FlagLLMReranker.compute_score(prompt=...)`` puts it where bge-reranker-v2-gemma's prompt
+goes. For an encoder cross-encoder sentence-transformers prepends ``prompt`` to the query
+text instead, which crossrank leaves to the caller: it is refused there.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ class _Engine(Protocol):
     max_length: int
     options: EngineOptions
     model: Any
+    family: Any
 
     score_pairs: Callable[..., np.ndarray]
     score: Callable[..., np.ndarray]
@@ -72,6 +81,19 @@ def _pairs(inputs: Any) -> list[tuple[str, str]]:
 def _refuse(name: str, value: Any, instead: str) -> None:
     if value is not None:
         raise ValueError(f"{name}={value!r} is not supported by crossrank: {instead}")
+
+
+def _prompt_instruction(engine: _Engine, prompt: str | None) -> str | None:
+    """A peer's ``prompt``: the call's instruction on a decoder reranker (see the module
+    docstring); refused for an encoder, whose prompt a peer would prepend to the query."""
+    if engine.family is None:
+        _refuse(
+            "prompt",
+            prompt,
+            "an encoder cross-encoder has no instruction (sentence-transformers prepends the "
+            "prompt to the query text: put it there)",
+        )
+    return prompt
 
 
 def _check_batch_size(batch_size: Any) -> None:
@@ -137,18 +159,29 @@ class PeerCompat:
         ``sentences`` is the name older sentence-transformers used for ``inputs``.
         ``batch_size`` is accepted and has no effect (the engine's token budget decides);
         ``apply_softmax`` has none on a one-logit model, as in sentence-transformers.
+        ``prompt`` is a decoder reranker's instruction (module docstring).
         """
         if (inputs is None) == (sentences is None):
             raise TypeError("predict() takes the pairs as inputs (or sentences), exactly once")
         inputs = sentences if inputs is None else inputs
         _check_batch_size(batch_size)
-        _refuse("prompt_name", prompt_name, "put any instruction into the query text")
-        _refuse("prompt", prompt, "put any instruction into the query text")
+        _refuse(
+            "prompt_name",
+            prompt_name,
+            "crossrank keeps no named prompts: pass the text as prompt= (decoder rerankers) or "
+            "put any instruction into the query text",
+        )
+        instruction = _prompt_instruction(self, prompt)
         _refuse("device", device, "choose it when building the engine: Reranker(model, device=...)")
         PeerCompat._require_one_logit(self, "predict")
         single = _is_single_pair(inputs)
         pairs = _pairs([inputs] if single else inputs)
-        raw = self.score_pairs(pairs, normalize=False, show_progress=bool(show_progress_bar))
+        raw = self.score_pairs(
+            pairs,
+            normalize=False,
+            show_progress=bool(show_progress_bar),
+            instruction=instruction,
+        )
         activation = activation_fn or PeerCompat._model_activation(self)
         scores = activation(torch.from_numpy(raw).unsqueeze(-1)).squeeze(-1)
         out: np.ndarray | torch.Tensor | list[torch.Tensor]
@@ -209,11 +242,13 @@ class PeerCompat:
         batch_size: int | None = None,
         max_length: int | None = None,
         normalize: bool = False,
+        prompt: str | None = None,
     ) -> float | list[float]:
         """``FlagReranker.compute_score``: raw logits (``normalize=True``: their sigmoid),
         a ``float`` for a single ``(query, passage)`` pair, a ``list`` of floats for a list
         of pairs. ``batch_size`` is accepted and has no effect; ``max_length`` must equal the
-        engine's (set it when building: ``Reranker(model, max_length=...)``)."""
+        engine's (set it when building: ``Reranker(model, max_length=...)``). ``prompt`` is
+        ``FlagLLMReranker``'s: a decoder reranker's instruction (module docstring)."""
         if batch_size is not None:
             _check_batch_size(batch_size)
         if max_length is not None and max_length != self.max_length:
@@ -221,10 +256,12 @@ class PeerCompat:
                 f"max_length={max_length!r} differs from this engine's max_length="
                 f"{self.max_length}; build it with Reranker(model, max_length={max_length!r})"
             )
+        instruction = _prompt_instruction(self, prompt)
         PeerCompat._require_one_logit(self, "compute_score")
         single = _is_single_pair(sentence_pairs)
         pairs = _pairs([sentence_pairs] if single else sentence_pairs)
-        scores: list[float] = self.score_pairs(pairs, normalize=bool(normalize)).tolist()
+        raw = self.score_pairs(pairs, normalize=bool(normalize), instruction=instruction)
+        scores: list[float] = raw.tolist()
         return scores[0] if single else scores
 
     # ------------------------------------------------------------------------ helpers

@@ -70,7 +70,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from crossrank.validation import scrub_surrogates
+from crossrank.validation import check_instruction, scrub_surrogates
 
 #: Characters a cut keeps per token it must yield (measured, see the module docstring): for
 #: most scripts, and for the dense ones (code points from ``DENSE_FROM`` up: CJK, kana,
@@ -563,6 +563,18 @@ class PairTokenizer:
         caches keyed by what was actually scored."""
         return scrub_surrogates(self._cut(documents, max_tokens)[0])
 
+    def check_instruction(self, instruction: Any) -> str | None:
+        """The instruction a call's prompts take, ``None`` for the tokenizer's own. The
+        pairs of an encoder cross-encoder have no prompt, so anything but ``None`` is an
+        :class:`~crossrank.errors.OptionError` naming ``instruction``."""
+        return check_instruction(instruction, decoder=False)
+
+    def template_tokens(self, instruction: str | None = None) -> int:
+        """Tokens of a pair besides its query and document with a call's (checked)
+        ``instruction``: ``special_tokens_in_pair`` here, where there is none."""
+        self.check_instruction(instruction)
+        return self.special_tokens_in_pair
+
     def token_counts(self, texts: Sequence[str], at_most: int | None = None) -> np.ndarray:
         """Token count of each text, special tokens not counted.
 
@@ -613,12 +625,15 @@ class PairTokenizer:
         documents: Sequence[str],
         *,
         cancel: threading.Event | None = None,
+        instruction: str | None = None,
     ) -> EncodedPairs:
         """Encode pair ``i`` = ``(queries[i], documents[i])``; callers pass validated input.
 
         Split over crossrank's threads (module docstring); ``cancel`` stops it between
-        chunks with ``concurrent.futures.CancelledError``.
+        chunks with ``concurrent.futures.CancelledError``. ``instruction`` is there for the
+        prompts of decoder rerankers (:meth:`check_instruction`): here it must be ``None``.
         """
+        self.check_instruction(instruction)
         queries = scrub_surrogates(queries)
         documents = list(documents)  # surrogates are scrubbed after the cut
         if not documents:
@@ -661,6 +676,7 @@ class PairTokenizer:
         overlap: int | None,
         max_windows: int | None = None,
         cancel: threading.Event | None = None,
+        instruction: str | None = None,
     ) -> EncodedPairs:
         """Encode each pair as one row per document window (``pair_index``/``spans`` set).
 
@@ -671,8 +687,9 @@ class PairTokenizer:
         first ``max_windows`` windows are kept (``None``: all), and its text is cut to what
         they need. The fast tokenizer cuts the windows itself (truncation with a stride and
         overflowing encodings) in one call per window layout and chunk; pairs whose queries
-        have the same token count share a layout.
+        have the same token count share a layout. ``instruction`` as in :meth:`encode`.
         """
+        self.check_instruction(instruction)
         queries = scrub_surrogates(queries)
         documents = list(documents)  # surrogates are scrubbed after the cut
         if not documents:

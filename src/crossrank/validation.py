@@ -13,6 +13,8 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
+from crossrank.errors import OptionError, OptionTypeError
+
 _SURROGATES = re.compile("[\ud800-\udfff]")
 #: Unicode categories that carry no visible text: controls (Cc), format characters such as
 #: zero-width spaces and joiners (Cf), and separators (Zs, Zl, Zp). The tokenizer drops them,
@@ -117,6 +119,21 @@ def check_rerank_args(
     docs = check_documents(documents)
     check_query(query)
     return docs, top_n, threshold
+
+
+def check_instruction(instruction: Any, *, decoder: bool) -> str | None:
+    """``instruction`` if it is ``None`` or a ``str`` for a decoder (LLM) reranker, whose
+    prompt holds one; an :class:`~crossrank.errors.OptionError` naming ``instruction``
+    otherwise (an encoder cross-encoder has no prompt: put any instruction into the query)."""
+    if instruction is None:
+        return None
+    if not isinstance(instruction, str):
+        raise OptionTypeError(
+            "instruction", f"instruction must be a str or None, got {type(instruction).__name__}"
+        )
+    if not decoder:
+        raise OptionError("instruction", "instruction applies to decoder (LLM) rerankers only")
+    return instruction
 
 
 def scrub_surrogates(texts: Sequence[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Fixtures of the adapter tests: the real engine reporting a best span per document.
+"""Fixtures of the adapter tests: the real engine reporting a best span per document, and the
+tiny random decoder (LLM) reranker of tests/backends/llm_assets.py.
 
 The RAG fixtures the adapters share with the RAG tests (passages, all-MiniLM-L6-v2, the
 registry's engine) are in tests/conftest.py.
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from crossrank import Reranker, RerankResult
+from tests.backends.llm_assets import qwen_tokenizer_dir, tiny_qwen3_dir  # noqa: F401 (fixtures)
 
 
 class SpanReranker(Reranker):

@@ -67,14 +67,16 @@ def card_scores(model_dir, pairs, instruction=CARD_INSTRUCTION, max_length=8192)
     return prob.numpy(), (last[:, yes] - last[:, no]).numpy()
 
 
-def flag_llm_scores(model_dir, pairs, max_length=512):
-    """FlagEmbedding ``FlagLLMReranker.compute_score`` (bge-reranker-v2-gemma), unnormalized."""
+def flag_llm_scores(model_dir, pairs, max_length=512, prompt=None):
+    """FlagEmbedding ``FlagLLMReranker.compute_score`` (bge-reranker-v2-gemma), unnormalized;
+    ``prompt`` as its ``prompt=`` (``None``: its default)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompt = (
-        "Given a query A and a passage B, determine whether the passage contains an answer to "
-        "the query by providing a prediction of either 'Yes' or 'No'."
-    )
+    if prompt is None:
+        prompt = (
+            "Given a query A and a passage B, determine whether the passage contains an answer "
+            "to the query by providing a prediction of either 'Yes' or 'No'."
+        )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     sep = tokenizer("\n", add_special_tokens=False)["input_ids"]
     yes = tokenizer("Yes", add_special_tokens=False)["input_ids"][0]

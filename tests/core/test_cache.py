@@ -7,6 +7,7 @@ here; they skip, saying why, where it is not installed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -161,6 +162,28 @@ def test_key_covers_settings_query_and_document_but_not_normalize(
     # a (query, document) split differently must not collide
     keys = ScoreCache(shared, "model", with_spans=False).keys(["ab", "a"], ["c", "bc"])
     assert keys[0] != keys[1]
+
+
+def test_a_call_instruction_gets_keys_of_its_own_and_the_default_keeps_its_keys():
+    """The key format without an instruction, pinned (a change would invalidate every cache
+    in use): blake2b-160 over blake2b-128(fingerprint), the query's byte length (8 bytes,
+    little-endian), the query and the document. A call's instruction never shares a key with
+    another instruction, none, or the same bytes split differently."""
+    cache = ScoreCache(MemoryCache(), "fingerprint", with_spans=False)
+    prefix = hashlib.blake2b(b"fingerprint", digest_size=16).digest()
+    message = prefix + (5).to_bytes(8, "little") + b"Mars?" + b"Red planet"
+    pinned = "crossrank:" + hashlib.blake2b(message, digest_size=20).hexdigest()
+    assert cache.keys(["Mars?"], ["Red planet"]) == [pinned]
+    assert cache.keys(["Mars?"], ["Red planet"], None) == [pinned]
+    variants = [
+        cache.keys(["Mars?"], ["Red planet"], instruction)[0]
+        for instruction in ("", "Find facts", "Find facts ", "Find")
+    ]
+    variants += [
+        cache.keys([" facts" + "Mars?"], ["Red planet"], "Find")[0],
+        cache.keys(["Mars?"], ["Red planet"], "Find facts" + "\x00" * 8)[0],
+    ]
+    assert len({pinned, *variants}) == 1 + len(variants)
 
 
 def test_memory_cache_is_bounded():

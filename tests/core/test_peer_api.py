@@ -132,6 +132,11 @@ def test_refused_arguments_say_what_to_do(tiny_reranker: Reranker) -> None:
         tiny_reranker.predict(PAIRS, device="cuda")
     with pytest.raises(ValueError, match=r"prompt_name=.*instruction into the query"):
         tiny_reranker.rank(QUERY, DOCS, prompt_name="query")
+    # an encoder has no instruction; sentence-transformers would prepend prompt to the query
+    with pytest.raises(ValueError, match=r"prompt='task: '.*prepends the prompt to the query"):
+        tiny_reranker.predict(PAIRS, prompt="task: ")
+    with pytest.raises(ValueError, match=r"prompt='task: '.*encoder cross-encoder"):
+        tiny_reranker.compute_score(PAIRS, prompt="task: ")
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         tiny_reranker.predict(PAIRS, batch_size=0)
     with pytest.raises(ValueError, match="top_k must be a positive int"):

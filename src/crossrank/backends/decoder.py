@@ -36,6 +36,7 @@ import string
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ from crossrank.tokenization import (
     window_layout,
     windows_cover,
 )
-from crossrank.validation import scrub_surrogates
+from crossrank.validation import check_instruction, scrub_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -231,17 +232,20 @@ class PromptTokenizer(PairTokenizer):
     """Encodes (query, document) pairs as a decoder family's prompt.
 
     Same interface as :class:`PairTokenizer` (``encode``, ``encode_windows``,
-    ``cap_queries``, ``cap_documents``, ``token_counts``, ``pad_id``, ``max_length``,
-    ``query_max_length``), so the engine can use either; it reuses the parent's public
-    machinery (shared Rust backend, documents cut before tokenizing, crossrank's thread
-    pool, cancel events) and overrides only the public encode methods. ``max_length``
+    ``cap_queries``, ``cap_documents``, ``token_counts``, ``check_instruction``,
+    ``template_tokens``, ``pad_id``, ``max_length``, ``query_max_length``), so the engine can
+    use either; it reuses the parent's public machinery (shared Rust backend, documents cut
+    before tokenizing, crossrank's thread pool, cancel events) and overrides only the public
+    encode methods and the two instruction methods. ``max_length``
     counts every token of the prompt. Queries are capped at ``query_max_length`` tokens (as
     text, like the encoder path); the document segment is then cut at its end so the prompt
     fits. ``special_tokens_in_pair`` is the template's token count with an empty query and
     document (the instruction included), i.e. what the engine must reserve besides the
     query and the document; a pair's length is that plus its query and document counts,
     give or take a token where the byte-level BPE merges across a boundary (e.g. a query's
-    final "?" with the template's newline).
+    final "?" with the template's newline). A call's own instruction (``instruction=`` of
+    :meth:`encode`, checked by :meth:`check_instruction`) replaces the tokenizer's for that
+    call; :meth:`template_tokens` counts its template.
     """
 
     def __init__(
@@ -260,13 +264,48 @@ class PromptTokenizer(PairTokenizer):
         bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
         self._bos = [int(bos)] if family.bos and bos is not None and bos != pad else []
         self.answer_ids = answer_token_ids(family, tokenizer)
-        self.special_tokens_in_pair = len(self._rows([""], [""], self.instruction)[0])
+        # a call's instruction is counted once (server clients reuse a few instructions)
+        self._template_counts = lru_cache(maxsize=256)(self._count_template)
+        self.special_tokens_in_pair = self._count_template(self.instruction)
         if query_max_length + self.special_tokens_in_pair >= max_length:
             raise ValueError(
                 f"query_max_length={query_max_length} leaves no room for the document within "
                 f"max_length={max_length} (the {family.name} template takes "
                 f"{self.special_tokens_in_pair} tokens)"
             )
+
+    def check_instruction(self, instruction: Any) -> str | None:
+        """A call's ``instruction``: ``None`` for the tokenizer's own (also when it is given
+        again), else the ``str``, once checked to leave a query of ``query_max_length`` tokens
+        room for at least one document token (the check the constructor makes for its own);
+        an :class:`~crossrank.errors.OptionError` naming ``instruction`` otherwise."""
+        instruction = check_instruction(instruction, decoder=True)
+        if instruction is None or instruction == self.instruction:
+            return None
+        fixed = self.template_tokens(instruction)
+        if fixed + self.query_max_length >= self.max_length:
+            raise OptionError(
+                "instruction",
+                f"instruction makes the {self.family.name} prompt {fixed} tokens long without "
+                f"its query and document, which leaves a query of up to query_max_length="
+                f"{self.query_max_length} tokens no room for the document within max_length="
+                f"{self.max_length}; shorten the instruction",
+            )
+        return instruction
+
+    def template_tokens(self, instruction: str | None = None) -> int:
+        """Tokens of the prompt with an empty query and document and ``instruction``
+        (``None``: the tokenizer's, ``special_tokens_in_pair``)."""
+        if instruction is None or instruction == self.instruction:
+            return self.special_tokens_in_pair
+        return int(self._template_counts(instruction))
+
+    def _count_template(self, instruction: str) -> int:
+        """:meth:`template_tokens`, counted: the pieces tokenized as :meth:`encode` does, uncut."""
+        texts = [
+            s.format(instruction=instruction, query="", document="") for s in self.family.segments
+        ]
+        return len(self._bos) + sum(map(len, self._encode_texts(texts, None, offsets=False)))
 
     def encode(
         self,

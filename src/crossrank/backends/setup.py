@@ -26,6 +26,7 @@ from crossrank.loading import LoadedModel, with_weights_on
 from crossrank.longdoc import LongDocs
 from crossrank.options import EngineOptions
 from crossrank.tokenization import PairTokenizer
+from crossrank.validation import check_instruction
 
 #: ``config.architectures`` loaded as causal LMs (decoder rerankers read from answer logits).
 DECODER_ARCHITECTURES = frozenset().union(*(f.architectures for f in FAMILIES.values()))
@@ -41,8 +42,7 @@ def with_weights(
 ) -> tuple[LoadedModel, torch.dtype]:
     """``loaded`` with its weights (torch backend) in the compute dtype, and that dtype;
     ``num_labels`` is set from the family for a causal LM."""
-    if family is None and opts.instruction is not None:
-        raise OptionError("instruction", "instruction applies to decoder (LLM) rerankers only")
+    check_instruction(opts.instruction, decoder=family is not None)
     if family is not None and opts.backend != "torch":
         raise OptionError("backend", f"{family.name} rerankers run with backend='torch'")
     dtype = compute_dtype(opts, device, decoder=family is not None)

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from functools import partial
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -38,6 +39,7 @@ from tokenizers import Tokenizer
 from crossrank import __version__
 from crossrank.batching import QueueFullError
 from crossrank.engine import Reranker
+from crossrank.errors import OptionError
 from crossrank.server.connections import install_access_log_redaction
 from crossrank.server.metrics import ServerMetrics
 from crossrank.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
@@ -222,13 +224,14 @@ class _LeftCutter:
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
 
-    def cut(self, query: str, texts: list[str]) -> list[str]:
+    def cut(self, query: str, texts: list[str], instruction: str | None) -> list[str]:
+        """``texts`` cut for pairs with ``query`` (and a checked prompt ``instruction``)."""
         texts = scrub_surrogates(texts)
         encodings = self._tokenizer.encode_batch(
             scrub_surrogates([query]) + texts, add_special_tokens=False
         )
         query_tokens = min(len(encodings[0].ids), self.pair.query_max_length)
-        room = self.pair.max_length - self.pair.special_tokens_in_pair - query_tokens
+        room = self.pair.max_length - self.pair.template_tokens(instruction) - query_tokens
         return [
             text[enc.offsets[-room][0] :] if len(enc.ids) > room else text
             for text, enc in zip(texts, encodings[1:], strict=True)
@@ -414,6 +417,7 @@ async def _score_documents(
         field="documents",
         max_doc_tokens=body.max_tokens_per_doc,
         refuse_truncation=False,
+        instruction=body.instruction,
     )
     return None if scored is None else (texts, *scored)
 
@@ -432,6 +436,7 @@ async def _tei_rerank(
         max_doc_tokens=None,
         refuse_truncation=body.truncate is False,
         cut_left=body.truncation_direction.lower() == "left",
+        instruction=body.instruction,
     )
     if scored is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -454,12 +459,13 @@ async def _tei_predict(
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
     _check_count(len(pairs), settings, "inputs")
+    instruction = _checked_instruction(reranker, body.instruction)
     queries, texts = [q for q, _ in pairs], [t for _, t in pairs]
     raw = await _guarded(
         request,
         settings,
-        lambda: reranker.ascore_pairs(pairs, normalize=False),
-        lambda: _rows_needed(reranker, queries, texts, None),
+        lambda: reranker.ascore_pairs(pairs, normalize=False, instruction=instruction),
+        lambda: _rows_needed(reranker, queries, texts, None, instruction),
         field="inputs",
     )
     if raw is None:
@@ -468,6 +474,16 @@ async def _tei_predict(
     label = "LABEL_0" if reranker.num_labels == 1 else "LABEL_1"
     predictions = tei_predictions(raw, raw_scores=body.raw_scores, label=label)
     return predictions if batch else predictions[0]
+
+
+def _checked_instruction(reranker: Reranker, instruction: str | None) -> str | None:
+    """A request's ``instruction``, checked against the served model before any scoring
+    (:meth:`~crossrank.tokenization.PairTokenizer.check_instruction`: ``None`` for the
+    model's own); a 422 naming it when the model has no prompt or it leaves no room."""
+    try:
+        return reranker.tokenizer.check_instruction(instruction)
+    except OptionError as err:
+        raise HTTPException(422, str(err)) from None
 
 
 def _check_count(count: int, settings: ServerSettings, field: str) -> None:
@@ -492,33 +508,39 @@ async def _score(
     max_doc_tokens: int | None,
     refuse_truncation: bool,
     cut_left: bool = False,
+    instruction: str | None = None,
 ) -> tuple[np.ndarray, int] | None:
     """Raw scores of ``texts`` (request order) and the tokens scored; ``None`` when the client
-    disconnected first. Limits and readiness are checked before any tokenization."""
+    disconnected first. Limits, readiness and the instruction are checked before any
+    tokenization of the texts."""
     reranker = state.require()
     try:
         check_query(query)
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
     _check_count(len(texts), settings, field)
+    instruction = _checked_instruction(reranker, instruction)
     cut_left = cut_left and not reranker.long_docs.chunked  # chunk mode never cuts a text
 
     async def work() -> tuple[np.ndarray, int]:
         if refuse_truncation:
-            await _refuse_overlong(reranker, query, texts, field)
+            await _refuse_overlong(reranker, query, texts, field, instruction)
         scored_texts = texts
         if cut_left:
             loop = asyncio.get_running_loop()
             scored_texts = await loop.run_in_executor(
-                None, lambda: state.left_cutter(reranker).cut(query, texts)
+                None, lambda: state.left_cutter(reranker).cut(query, texts, instruction)
             )
-        return await reranker.ascore_raw(query, scored_texts, max_doc_tokens=max_doc_tokens)
+        return await reranker.ascore_raw(
+            query, scored_texts, max_doc_tokens=max_doc_tokens, instruction=instruction
+        )
 
+    queries = [query] * len(texts)
     scored = await _guarded(
         request,
         settings,
         work,
-        lambda: _rows_needed(reranker, [query] * len(texts), texts, max_doc_tokens),
+        lambda: _rows_needed(reranker, queries, texts, max_doc_tokens, instruction),
         field=field,
     )
     if scored is not None:
@@ -561,7 +583,11 @@ async def _guarded(
 
 
 async def _rows_needed(
-    reranker: Reranker, queries: list[str], texts: list[str], max_doc_tokens: int | None
+    reranker: Reranker,
+    queries: list[str],
+    texts: list[str],
+    max_doc_tokens: int | None,
+    instruction: str | None,
 ) -> int:
     """How many rows (pairs, or windows in chunk mode) scoring these pairs takes."""
 
@@ -569,7 +595,7 @@ async def _rows_needed(
         docs = texts
         if max_doc_tokens is not None:
             docs = reranker.tokenizer.cap_documents(docs, max_doc_tokens)
-        return len(reranker.encode(queries, docs))
+        return len(reranker.encode(queries, docs, instruction=instruction))
 
     return await asyncio.get_running_loop().run_in_executor(None, count)
 
@@ -589,12 +615,15 @@ def _check_finite(raw: np.ndarray, field: str, metrics: ServerMetrics) -> None:
     )
 
 
-async def _refuse_overlong(reranker: Reranker, query: str, texts: list[str], field: str) -> None:
+async def _refuse_overlong(
+    reranker: Reranker, query: str, texts: list[str], field: str, instruction: str | None
+) -> None:
     """413 naming the query, or the first text, that would be truncated (TEI
     ``truncate: false``); the engine says which (:meth:`Reranker.first_overlong`)."""
     loop = asyncio.get_running_loop()
+    overlong = partial(reranker.first_overlong, query, texts, instruction=instruction)
     try:
-        index = await loop.run_in_executor(None, reranker.first_overlong, query, texts)
+        index = await loop.run_in_executor(None, overlong)
     except ValueError as err:  # the query itself would be cut
         raise HTTPException(413, f"{err}; send truncate: true to truncate it") from None
     if index is not None:

@@ -10,7 +10,8 @@ Three wire formats are served so that existing clients work unchanged:
   array ``[{index, score, text?}]`` out, errors as ``{"error", "error_type"}``.
 
 Unknown request fields are ignored (clients send provider-specific options such as Cohere's
-``priority``); a missing or mistyped known field is a 422 naming it. Shapes follow the
+``priority``); a missing or mistyped known field is a 422 naming it. Every request may carry
+``instruction``, a crossrank extension for decoder (LLM) rerankers (:class:`_Request`). Shapes follow the
 providers' published schemas: Cohere's rerank reference, Infinity's ``infinity_client``
 models, TEI's ``docs/openapi.json``.
 """
@@ -34,8 +35,27 @@ PositiveInt = Annotated[int, Field(strict=True, gt=0)]
 _FIELD_VALUE = (str, int, float)
 
 
+#: Longest ``instruction`` a request may carry, in characters: an instruction is a sentence
+#: or two (Qwen3-Reranker's default has 75 characters); the served model's ``max_length``
+#: bounds it in tokens too.
+MAX_INSTRUCTION_CHARS = 4096
+
+
 class _Request(BaseModel):
+    """What every request body shares: unknown fields ignored, and the prompt instruction of
+    a decoder (LLM) reranker."""
+
     model_config = ConfigDict(extra="ignore")
+
+    instruction: str | None = Field(
+        default=None,
+        max_length=MAX_INSTRUCTION_CHARS,
+        description="crossrank extension, decoder (LLM) rerankers only: the task instruction "
+        "of this request's prompts (Qwen3-Reranker's '<Instruct>' line, "
+        "bge-reranker-v2-gemma's prompt) instead of the served model's; at most "
+        f"{MAX_INSTRUCTION_CHARS} characters. With an encoder cross-encoder, or when it leaves "
+        "no room for the document within the model's max_length, the request is a 422.",
+    )
 
 
 class RerankRequest(_Request):

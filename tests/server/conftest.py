@@ -1,0 +1,4 @@
+"""Fixtures of the server tests: the tiny random decoder (LLM) reranker of
+tests/backends/llm_assets.py (the encoder fixtures are in tests/conftest.py)."""
+
+from tests.backends.llm_assets import qwen_tokenizer_dir, tiny_qwen3_dir  # noqa: F401 (fixtures)
