@@ -5,6 +5,7 @@ httpx and with the official cohere SDK: both body shapes, every error status, au
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -408,6 +409,54 @@ def test_failed_load_is_reported():
         assert r.status_code == 503
         assert "failed to load: no such model" in r.json()["message"]
         assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_on_ready_runs_after_warm_up_before_the_app_is_ready(tiny_model_dir):
+    events: list[object] = []
+    release = threading.Event()
+
+    def factory() -> Reranker:
+        reranker = Reranker(str(tiny_model_dir), device="cpu")
+        warmup = reranker.warmup
+
+        def warmup_then_note() -> None:
+            warmup()
+            events.append("warmed up")
+
+        reranker.warmup = warmup_then_note  # type: ignore[method-assign]
+        return reranker
+
+    def on_ready() -> None:
+        events.append(("on_ready", httpx.get(srv.url + "/ready").status_code))
+        release.wait(30)
+
+    with BackgroundServer(create_app(factory, on_ready=on_ready)) as srv:
+        wait_until(lambda: len(events) == 2, what="on_ready")
+        assert events == ["warmed up", ("on_ready", 503)]  # /ready still said "loading"
+        release.set()
+        srv.wait_ready()
+        assert post(srv, "/v2/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
+    assert len(events) == 2  # once
+
+
+def test_the_command_line_server_freezes_its_heap_once_loaded():
+    from crossrank.server.runner import freeze_heap
+
+    class Cycle:  # garbage in a reference cycle: collected before the freeze, not frozen
+        def __init__(self) -> None:
+            self.me = self
+
+    Cycle()
+    kept = [object() for _ in range(10)]
+    before = gc.get_freeze_count()
+    try:
+        freeze_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > before + len(kept)
+        assert not any(isinstance(o, Cycle) for o in gc.get_objects())
+        assert gc.isenabled()  # later objects are still collected
+    finally:
+        gc.unfreeze()
 
 
 # ------------------------------------------------------------------ LlamaIndex TEI postprocessor

@@ -110,11 +110,13 @@ class _ModelState:
         settings: ServerSettings,
         metrics: ServerMetrics,
         on_load_error: Callable[[BaseException], None] | None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.source = source
         self.settings = settings
         self.metrics = metrics
         self.on_load_error = on_load_error
+        self.on_ready = on_ready
         self.reranker: Reranker | None = None
         self.error: BaseException | None = None
         #: Set when the server is about to stop: everything that needs the model answers 503.
@@ -153,6 +155,8 @@ class _ModelState:
             source = self.source
             reranker = source if isinstance(source, Reranker) else source()
             reranker.warmup()
+            if self.on_ready is not None:
+                self.on_ready()
         except Exception as err:
             with contextlib.suppress(RuntimeError):  # the loop closed during a slow load
                 loop.call_soon_threadsafe(self._failed, err)
@@ -243,15 +247,18 @@ def create_app(
     settings: ServerSettings | None = None,
     *,
     on_load_error: Callable[[BaseException], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the server app around a reranker (or a factory called in a background thread).
 
     ``on_load_error`` is called (on the event loop) when the factory or warm-up fails; the
-    command-line runner uses it to exit instead of serving 503s forever.
+    command-line runner uses it to exit instead of serving 503s forever. ``on_ready`` is
+    called (on the loading thread) once the model is loaded and warmed up, before ``/ready``
+    turns 200; the runner freezes the process's heap there.
     """
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
-    state = _ModelState(reranker_or_factory, settings, metrics, on_load_error)
+    state = _ModelState(reranker_or_factory, settings, metrics, on_load_error, on_ready)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
