@@ -14,7 +14,11 @@ from typing import Any
 import pytest
 
 from crossrank import Reranker, RerankResult
-from tests.backends.llm_assets import qwen_tokenizer_dir, tiny_qwen3_dir  # noqa: F401 (fixtures)
+from tests.backends.llm_assets import (  # noqa: F401 (fixtures)
+    qwen3,
+    qwen_tokenizer_dir,
+    tiny_qwen3_dir,
+)
 
 
 class SpanReranker(Reranker):

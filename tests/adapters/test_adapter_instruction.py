@@ -22,15 +22,10 @@ from crossrank.errors import OptionError
 from crossrank.langchain import CrossRankCompressor, CrossRankCrossEncoder
 from crossrank.llama_index import CrossRankRerank
 from crossrank.registry import get_reranker
+from tests.backends.llm_assets import OTHER_INSTRUCTION as OTHER
 from tests.backends.llm_assets import SAMPLE_DOCUMENTS, SAMPLE_QUERIES
 
 QUERY = SAMPLE_QUERIES[0]
-OTHER = "Given a question, retrieve passages written in Chinese"
-
-
-@pytest.fixture(scope="module")
-def qwen3(tiny_qwen3_dir: Path) -> Reranker:
-    return Reranker(str(tiny_qwen3_dir), device="cpu", max_length=256)
 
 
 @pytest.fixture(scope="module")

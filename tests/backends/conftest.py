@@ -12,6 +12,7 @@ from transformers import BertConfig
 
 from .llm_assets import (  # noqa: F401  (fixtures)
     bos_tokenizer_dir,
+    qwen3,
     qwen_tokenizer_dir,
     tiny_gemma_dir,
     tiny_qwen3_dir,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from crossrank import Reranker
 from crossrank.testing import (
     BGE_RERANKER_GEMMA_CONFIG,
     QWEN3_RERANKER_0_6B_CONFIG,
@@ -29,6 +30,9 @@ SAMPLE_QUERIES = [
     "Explain gravity",
     "火星为什么是红色的？",
 ]
+#: A task instruction other than Qwen3-Reranker's default (the per-call instruction tests).
+OTHER_INSTRUCTION = "Given a question, retrieve passages written in Chinese"
+
 SAMPLE_DOCUMENTS = [
     "The capital of China is Beijing.",
     "Gravity is a force that attracts two bodies towards each other. It gives weight to "
@@ -64,6 +68,12 @@ def tiny_qwen3_dir(qwen_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFa
         QWEN3_RERANKER_0_6B_CONFIG,
         **TINY_DECODER_CONFIG,
     )
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_qwen3_dir: Path) -> Reranker:
+    """The tiny Qwen3 reranker's engine on CPU (``max_length=256``), one per test module."""
+    return Reranker(str(tiny_qwen3_dir), device="cpu", max_length=256)
 
 
 @pytest.fixture(scope="session")

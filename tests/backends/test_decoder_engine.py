@@ -22,11 +22,6 @@ QUERY = SAMPLE_QUERIES[0]
 LONG_DOC = "Beijing is the capital of China and has a long history. " * 60
 
 
-@pytest.fixture(scope="module")
-def qwen3(tiny_qwen3_dir: Path) -> Reranker:
-    return Reranker(str(tiny_qwen3_dir), device="cpu", max_length=256)
-
-
 def test_engine_matches_the_model_card(qwen3: Reranker, tiny_qwen3_dir: Path):
     assert isinstance(qwen3.tokenizer, PromptTokenizer)
     assert qwen3.tokenizer.family.name == "qwen3-reranker"

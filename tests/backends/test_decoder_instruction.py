@@ -20,11 +20,11 @@ from crossrank import Reranker
 from crossrank.backends.decoder import QWEN3
 from crossrank.errors import OptionError, OptionTypeError
 
+from .llm_assets import OTHER_INSTRUCTION as OTHER
 from .llm_assets import SAMPLE_DOCUMENTS, SAMPLE_QUERIES
 from .test_decoder import card_scores, flag_llm_scores
 
 QUERY = SAMPLE_QUERIES[0]
-OTHER = "Given a question, retrieve passages written in Chinese"
 PAIRS = [(q, d) for q in SAMPLE_QUERIES[:2] for d in SAMPLE_DOCUMENTS]
 LONG_DOC = "Beijing is the capital of China and has a long history. " * 60
 ENGINE = {"device": "cpu", "max_length": 256}

@@ -6,8 +6,6 @@ malformed one are 422s naming ``instruction``, never 5xx."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import numpy as np
 import pytest
@@ -17,17 +15,12 @@ from crossrank.server import create_app
 from crossrank.server.app import _LeftCutter
 from crossrank.server.runner import BackgroundServer
 from crossrank.server.schemas import MAX_INSTRUCTION_CHARS
+from tests.backends.llm_assets import OTHER_INSTRUCTION as OTHER
 from tests.backends.llm_assets import SAMPLE_DOCUMENTS, SAMPLE_QUERIES
 
 pytestmark = pytest.mark.timeout(300)
 
 QUERY = SAMPLE_QUERIES[0]
-OTHER = "Given a question, retrieve passages written in Chinese"
-
-
-@pytest.fixture(scope="module")
-def qwen3(tiny_qwen3_dir: Path) -> Reranker:
-    return Reranker(str(tiny_qwen3_dir), device="cpu", max_length=256)
 
 
 @pytest.fixture(scope="module")
