@@ -26,7 +26,9 @@ requests: ``inprocess_p50_ms`` (``Reranker.score``), ``inprocess_async_p50_ms``
 ``http_floor_p50_ms`` (the same bodies sent to the server with ``top_n: 0``, which it reads,
 parses and refuses with a 422 without scoring: transport, JSON, validation and the client
 library), and the server's forward passes during the run (``passes``, ``pairs_per_pass``,
-``tokens_per_pass``, from its ``/metrics``: whether concurrent requests were merged).
+``tokens_per_pass``, from its ``/metrics``: whether concurrent requests were merged), with
+the CPU it used (``server_cpu_cores``: CPU seconds per second of the run) and the full
+garbage collections it ran (``server_full_gcs``).
 """
 
 from __future__ import annotations
@@ -158,20 +160,32 @@ def http_floor_p50_ms(url: str, work: list[tuple[str, list[str]]]) -> float:
     return float(np.median(times[5:] or times)) * 1000
 
 
-def pass_counts(url: str) -> tuple[float, float, float]:
-    """The server's forward passes so far: (passes, pairs, tokens), from ``/metrics``."""
+#: Server counters read from ``/metrics`` before and after the measured run: (sample name,
+#: labels).
+COUNTERS = {
+    "passes": ("crossrank_batch_pairs_count", {}),
+    "pairs": ("crossrank_batch_pairs_sum", {}),
+    "tokens": ("crossrank_batch_tokens_sum", {}),
+    "cpu_s": ("process_cpu_seconds_total", {}),
+    "full_gcs": ("python_gc_collections_total", {"generation": "2"}),
+}
+
+
+def server_counters(url: str) -> np.ndarray:
+    """The server's :data:`COUNTERS` so far (0 for one it does not expose), in that order."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    found = dict.fromkeys(
-        ("crossrank_batch_pairs_count", "crossrank_batch_pairs_sum", "crossrank_batch_tokens_sum"),
-        0.0,
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): float(sample.value)
+        for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+        for sample in family.samples
+    }
+    return np.array(
+        [
+            samples.get((name, tuple(sorted(labels.items()))), 0.0)
+            for name, labels in COUNTERS.values()
+        ]
     )
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name in found:
-                found[sample.name] = float(sample.value)
-    passes, pairs, tokens = found.values()
-    return passes, pairs, tokens
 
 
 def offline_pairs_per_s(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
@@ -325,11 +339,11 @@ def main() -> None:
         try:
             asyncio.run(drive(url, work[: args.clients], args.clients, args.max_seconds))  # warm
             floor_ms = http_floor_p50_ms(url, work)
-            before = pass_counts(url)
+            before = server_counters(url)
             latencies, pairs, failures, wall = asyncio.run(
                 drive(url, work, args.clients, args.max_seconds)
             )
-            passes, pass_pairs, pass_tokens = np.subtract(pass_counts(url), before)
+            passes, pass_pairs, pass_tokens, cpu_s, full_gcs = server_counters(url) - before
         finally:
             if proc is not None:
                 proc.terminate()
@@ -361,6 +375,8 @@ def main() -> None:
         "passes": int(passes),
         "pairs_per_pass": round(pass_pairs / passes, 1) if passes else None,
         "tokens_per_pass": round(pass_tokens / passes) if passes else None,
+        "server_cpu_cores": round(cpu_s / wall, 2),  # CPU seconds per second of the run
+        "server_full_gcs": int(full_gcs),
     }
     if args.json:
         print(json.dumps(report), flush=True)

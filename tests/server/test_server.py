@@ -276,6 +276,7 @@ def test_metrics(server, reranker):
     before = scrape()
     assert post(server, "/v2/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
     assert post(server, "/v2/rerank", {"query": ""}).status_code == 422
+    gc.collect()
     after = scrape()
 
     def delta(name: str, **labels: str) -> float:
@@ -292,6 +293,10 @@ def test_metrics(server, reranker):
     assert metric(after, "crossrank_queue_depth_pairs") == 0
     assert metric(after, "crossrank_http_requests_in_flight") >= 1  # the scrape itself
     assert metric(after, "crossrank_model_ready") == 1
+    # the process's standard metrics too: full garbage collections, CPU time
+    assert delta("python_gc_collections_total", generation="2") >= 1
+    if os.path.exists("/proc/self/stat"):
+        assert metric(after, "process_cpu_seconds_total") > 0
     httpx.get(server.url + "/no/such/route")
     assert metric(scrape(), "crossrank_http_requests_total", route="other", status="404") >= 1
 

@@ -14,7 +14,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -37,6 +40,11 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # the process's standard metrics, as prometheus_client's global registry has them:
+        # CPU seconds, memory and open files (Linux), the Python version, and garbage
+        # collections by generation (a full one stops every thread while it runs)
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
         self.requests = Counter(
             "crossrank_http_requests",
             "HTTP requests by route and status code (499: client disconnected).",
