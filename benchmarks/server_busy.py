@@ -21,22 +21,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks.async_path import TimedDevice
+from benchmarks.async_path import H200_TOKENS_PER_S, TimedDevice, stand_in_engine
 from benchmarks.load import drive, workload
-from crossrank import Reranker
 from crossrank.backends.setup import DEFAULT_BATCH_TOKENS
 from crossrank.server import create_app
 from crossrank.server.runner import BackgroundServer
-from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir
 from crossrank.tokenization import EncodedPairs
-
-H200_TOKENS_PER_S = 9574 / 0.0116  # a 1x50 XQuAD-R pass of bge-reranker-v2-m3 (11.6 ms)
 
 
 class CountingDevice(TimedDevice):
@@ -60,17 +54,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--submit-ms", type=float, default=0.5, help="Python time per launch.")
     args = parser.parse_args()
-    shared = shared_dir()
-    if shared is None:
-        raise SystemExit("needs ../shared (or $CROSSRANK_SHARED) for the real tokenizer")
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_random_reranker(Path(tmp) / "tiny", shared / SKELETON, **TINY_CONFIG)
-        # the CUDA token budget, so that passes are cut as on the GPU
-        reranker = Reranker(str(model), device="cpu", batch_tokens=DEFAULT_BATCH_TOKENS["cuda"])
     device = CountingDevice(H200_TOKENS_PER_S / args.slowdown, args.submit_ms / 1000)
-    for worker in reranker._devices.workers:  # the stand-in device replaces the model
-        worker.runner = device  # type: ignore[assignment]
-    reranker.runner = device  # type: ignore[assignment]
+    # the CUDA token budget, so that passes are cut as on the GPU
+    reranker = stand_in_engine(device, batch_tokens=DEFAULT_BATCH_TOKENS["cuda"])
     work = workload(args.requests, 50, 0)
     with BackgroundServer(create_app(reranker)) as server:
         server.wait_ready()
