@@ -88,10 +88,15 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_model_dir):
         threads = [threading.Thread(target=client) for _ in range(3)]
         for t in threads:
             t.start()
-        wait_until(
-            lambda: metric(httpx.get(url + "/metrics").text, "crossrank_queue_depth_pairs") > 0,
-            what="queued work",
-        )
+
+        def all_in_flight() -> bool:  # the three requests (and this scrape), work queued
+            text = httpx.get(url + "/metrics").text
+            return (
+                metric(text, "crossrank_http_requests_in_flight") >= 4
+                and metric(text, "crossrank_queue_depth_pairs") > 0
+            )
+
+        wait_until(all_in_flight, what="the three requests in flight, work queued")
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
