@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from crossrank.tokenization import rust_parallelism, split_call
+from crossrank.tokenization import chunk_bounds, rust_parallelism, split_call
 
 pytestmark = pytest.mark.timeout(900)  # two fresh interpreters load torch and the model
 
@@ -77,7 +78,20 @@ def test_calls_are_split_over_own_threads_when_the_tokenizer_does_not_paralleliz
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", setting)
     monkeypatch.setattr("crossrank.tokenization.tokenizer_threads", lambda: 4)
     assert not rust_parallelism()
-    assert chunks_of_a_call(50) == [(0, 12), (12, 25), (25, 37), (37, 50)]
+    assert chunks_of_a_call(50) == [(0, 25), (25, 50)]  # a small call: half the threads
+    assert chunks_of_a_call(400) == [(0, 100), (100, 200), (200, 300), (300, 400)]
+
+
+@pytest.mark.parametrize(
+    ("n", "threads", "chunks"),
+    [(50, 16, 8), (50, 2, 2), (50, 3, 2), (3, 16, 1), (127, 16, 8), (128, 16, 16), (600, 2, 3)],
+)
+def test_small_calls_take_half_the_threads_and_large_ones_all(
+    n: int, threads: int, chunks: int
+) -> None:
+    bounds = chunk_bounds(n, threads)
+    assert len(bounds) - 1 == chunks
+    assert bounds[0] == 0 and bounds[-1] == n and all(np.diff(bounds) >= 1)
 
 
 @pytest.mark.parametrize("setting", [None, "true", "1"])
