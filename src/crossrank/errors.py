@@ -36,6 +36,12 @@ class OptionError(CrossrankError, ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self) -> tuple[type[OptionError], tuple[str, str]]:
+        """Pickled with both arguments (by default an exception pickles its ``args``, the
+        message alone), so it crosses process boundaries: a Ray Serve handle, a
+        multiprocessing pool."""
+        return type(self), (self.param, self.args[0])
+
 
 class OptionTypeError(OptionError, TypeError):
     """An engine option of the wrong type (also a ``TypeError``)."""

@@ -4,13 +4,14 @@ checks that need the model."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 
 import numpy as np
 import pytest
 
 from crossrank import Reranker
-from crossrank.errors import OptionError
+from crossrank.errors import OptionError, OptionTypeError
 
 QUERY = "Which planet is known as the red planet?"
 
@@ -98,6 +99,14 @@ def chunking_reranker(model_dir) -> Reranker:
         overlap_first_chunk=2,
         overlap_chunk_pairs=4,
     )
+
+
+@pytest.mark.parametrize("kind", [OptionError, OptionTypeError])
+def test_option_errors_survive_pickling_with_their_param(kind: type[OptionError]) -> None:
+    """Ray Serve and multiprocessing pickle an error to hand it to the caller."""
+    back = pickle.loads(pickle.dumps(kind("instruction", "instruction must be a str")))
+    assert type(back) is kind
+    assert back.param == "instruction" and str(back) == "instruction must be a str"
 
 
 def test_overlap_options_split_tokenization_into_chunks(tiny_model_dir, tiny_reranker) -> None:

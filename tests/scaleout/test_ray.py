@@ -296,6 +296,51 @@ def test_concurrent_handle_calls_each_get_their_own_ranking(
         np.testing.assert_allclose([r.score for r in got], [r.score for r in want], atol=1e-5)
     with pytest.raises(ValueError, match="query must not be empty"):
         handle.rerank.remote(" ", DOCS).result(timeout_s=60)
+    with pytest.raises(ValueError, match="decoder"):  # an encoder takes no instruction
+        handle.rerank.remote(QUERY, DOCS, instruction="Judge relevance").result(timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def llm_app(proxy_url: str, tiny_qwen3_dir: Path) -> Iterator[str]:
+    """A tiny Qwen3-Reranker on Ray Serve: one replica of half a CPU."""
+    from ray import serve
+
+    from crossrank.ray import RerankAppArgs, build_app
+
+    args = RerankAppArgs(model=str(tiny_qwen3_dir), replicas=1, num_cpus=0.5, device="cpu")
+    serve.run(build_app(args), name="crossrank-llm", route_prefix="/llm")
+    try:
+        yield "crossrank-llm"
+    finally:
+        serve.delete("crossrank-llm")
+
+
+def test_handle_calls_each_take_their_own_instruction(llm_app: str, qwen3: Reranker) -> None:
+    import asyncio
+
+    from ray import serve
+
+    from tests.backends.llm_assets import OTHER_INSTRUCTION
+
+    handle = serve.get_app_handle(llm_app)
+    instructions = [None, OTHER_INSTRUCTION, "Judge relevance to a legal question", None] * 3
+    calls = [(f"{QUERY} {i}", DOCS[: 2 + i % 3], ins) for i, ins in enumerate(instructions)]
+
+    async def call_all() -> list:  # concurrent: @serve.batch merges calls of several
+        return await asyncio.gather(
+            *(handle.rerank.remote(q, d, instruction=ins) for q, d, ins in calls)
+        )
+
+    answers = asyncio.run(call_all())
+    for (query, docs, instruction), got in zip(calls, answers, strict=True):
+        want = qwen3.rerank(query, docs, instruction=instruction)
+        assert [r.index for r in got] == [r.index for r in want]
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in want], atol=1e-5)
+    # the instruction changes the scores (or the test above could not fail)
+    plain = qwen3.score(QUERY, DOCS)
+    assert not np.allclose(plain, qwen3.score(QUERY, DOCS, instruction=OTHER_INSTRUCTION))
+    with pytest.raises(TypeError, match="instruction must be a str"):
+        handle.rerank.remote(QUERY, DOCS, instruction=3).result(timeout_s=60)
 
 
 def test_a_killed_replica_loses_no_retried_request(serve_url: str, tiny_reranker: Reranker) -> None:

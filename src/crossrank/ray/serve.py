@@ -16,6 +16,7 @@ than the default is refused, never ignored.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -57,6 +58,7 @@ __all__ = ["APP_NAME", "RerankAppArgs", "RerankDeployment", "build_app", "run_ap
 #: Requests one replica works on at once (Serve's default of 5 would starve the engine's
 #: batching; the engine's own queue limit still answers 429 beyond ``max_queue`` pairs).
 _MAX_ONGOING = 64
+_HandleCall = tuple[str, list[str], str | None]  # query, documents, instruction (checked)
 
 
 # ------------------------------------------------------------------------------ Ray Serve
@@ -109,26 +111,48 @@ class RerankDeployment:
             start_draining(self.http_app)
 
     async def rerank(
-        self, query: str, documents: list[str], top_n: int | None = None
+        self,
+        query: str,
+        documents: list[str],
+        top_n: int | None = None,
+        instruction: str | None = None,
     ) -> list[RerankResult]:
         """Rank ``documents`` for ``query``, best first: ``Reranker.rerank`` over a handle.
 
-        As over HTTP, results carry no ``best_span`` (chunk mode still scores by windows).
+        ``instruction``: a decoder (LLM) reranker's task instruction for this call (``None``:
+        the engine's), as the engine's methods take it; an encoder refuses one. As over
+        HTTP, results carry no ``best_span`` (chunk mode still scores by windows).
         """
         top_n = check_top_n(top_n)
         check_query(query)
         docs = check_documents(documents)
+        instruction = self.reranker.tokenizer.check_instruction(instruction)
         if not docs:
             return []
-        scores = await self._score_calls((query, docs))
+        scores = await self._score_calls((query, docs, instruction))
         return to_results(docs, scores, top_n=top_n)
 
     @serve.batch(max_batch_size=_MAX_ONGOING, batch_wait_timeout_s=0.005)
-    async def _score_calls(self, calls: list[tuple[str, list[str]]]) -> list[np.ndarray]:
-        """One engine call for every handle call that arrived together (already validated)."""
-        pairs = [(query, doc) for query, docs in calls for doc in docs]
-        scores = await self.reranker.ascore_pairs(pairs)
-        ends = np.cumsum([len(docs) for _, docs in calls])
+    async def _score_calls(self, calls: list[_HandleCall]) -> list[np.ndarray]:
+        """One engine call per instruction for the handle calls that arrived together
+        (already validated); the calls of different instructions are scored concurrently,
+        so the engine's queue still merges them into shared forward passes."""
+        groups: dict[str | None, list[int]] = {}
+        for i, (_, _, instruction) in enumerate(calls):
+            groups.setdefault(instruction, []).append(i)
+        out: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(calls)
+        members = list(groups.values())
+        parts = await asyncio.gather(*(self._score_group([calls[i] for i in m]) for m in members))
+        for group, scores in zip(members, parts, strict=True):
+            for i, part in zip(group, scores, strict=True):
+                out[i] = part
+        return out
+
+    async def _score_group(self, calls: list[_HandleCall]) -> list[np.ndarray]:
+        """Scores of handle calls that share one instruction, in one engine call."""
+        pairs = [(query, doc) for query, docs, _ in calls for doc in docs]
+        scores = await self.reranker.ascore_pairs(pairs, instruction=calls[0][2])
+        ends = np.cumsum([len(docs) for _, docs, _ in calls])
         return np.split(scores, ends[:-1])
 
 
