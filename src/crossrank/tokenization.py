@@ -8,10 +8,11 @@ numpy indexing rather than a Python loop over pairs.
 
 **Own parallelism.** Where the Rust tokenizer does not parallelize a batch call itself
 (``TOKENIZERS_PARALLELISM=false``, or a process forked after the tokenizer was used, where it
-turns its parallelism off), a call of more than ``2 * _MIN_CHUNK_PAIRS`` pairs is split into
+turns its parallelism off), a call of at least ``2 * _MIN_CHUNK_PAIRS`` pairs is split into
 chunks (at most ``_MAX_CHUNK_PAIRS`` pairs each): the first is tokenized on the calling
 thread, the others on a thread pool of crossrank's own, sized from the cores this process may
-use (``os.sched_getaffinity``), as many as there are cores not already busy with other calls:
+use (``os.sched_getaffinity``), as many as there are cores not already busy with other calls
+(half of those for a call of fewer than ``_WIDE_CALL_PAIRS`` pairs, see :func:`chunk_bounds`):
 concurrent calls share the cores rather than queue slivers of each other on the pool. The
 Rust tokenizer releases the GIL, so this is about as fast as the tokenizer's own parallelism.
 Where that is on, a call goes to it whole (split only into ``_MAX_CHUNK_PAIRS`` chunks): both
@@ -299,7 +300,8 @@ def split_call(
     tokenizer parallelizes itself), not over all of them: when many calls run at once (a
     server's concurrent requests), each runs on its own thread (in chunks of at most
     ``_MAX_CHUNK_PAIRS``) instead of queueing slivers of itself behind the other calls' on
-    the pool; a lone call gets every thread."""
+    the pool; a lone call gets every thread (half of them when it is small:
+    :func:`chunk_bounds`)."""
 
     def run(lo: int, hi: int) -> T:
         if cancel is not None and cancel.is_set():
