@@ -93,6 +93,28 @@ async def test_small_requests_are_not_starved_by_a_large_one(executor) -> None:
     assert set(finished[:5]) == {f"small{i}" for i in range(5)}
 
 
+async def test_requests_that_wait_together_finish_oldest_first(executor) -> None:
+    """Whole small requests fill a pass in arrival order, so that they finish one pass after
+    another: taking one pair of each in turn made every request of a burst finish in the
+    burst's last pass, and a server's clients then all came back at once to an idle device."""
+    rng = np.random.default_rng(5)
+    recorder = Recorder()
+    batcher = MicroBatcher(recorder, batch_tokens=800, packed=True, executor=executor)
+    requests = [make_pairs(rng, 10, max_len=20) for _ in range(24)]  # at most 200 tokens each
+    finished_after: list[int] = []  # passes run when each request finished, in arrival order
+
+    async def run(enc: EncodedPairs) -> None:
+        np.testing.assert_array_equal(await batcher.submit(enc), expected(enc))
+        finished_after.append(len(recorder.batches))
+
+    await asyncio.gather(*(run(enc) for enc in requests))
+    passes = len(recorder.batches)
+    assert passes >= 4 and sum(recorder.batches) == 240
+    assert finished_after == sorted(finished_after)  # oldest first
+    # (a pass's requests are handed their results once the next pass is queued too)
+    assert finished_after.count(passes) < len(requests) // 2  # most before the last pass
+
+
 async def test_cancelled_requests_never_reach_the_model(executor) -> None:
     rng = np.random.default_rng(3)
     recorder = Recorder(delay=0.01)

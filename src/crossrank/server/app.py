@@ -4,7 +4,8 @@ async path.
 The HTTP layer never touches the model. Each request is validated and scored with
 :meth:`Reranker.ascore_raw`, the engine's async path (score cache and chunk mode included),
 which goes through its shared micro-batching queue: concurrent requests share forward passes,
-pairs are taken round-robin so a large request cannot starve small ones, and a request whose
+passes are filled oldest request first with a bounded share each, so a large request cannot
+starve small ones, and a request whose
 client disconnects or whose time runs out is cancelled, so its pending pairs never reach the
 model.
 
