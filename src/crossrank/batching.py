@@ -19,9 +19,10 @@ a burst finish in its last pass: clients that send their next request once answe
 all came back at once, to a device idle while their requests were read and tokenized.)
 Measured with ``benchmarks/server_busy.py --slowdown 1.5 --requests 300`` (2-core CPU, the
 real server and tokenizer, a stand-in device at two thirds of the H200's rate, 32 clients,
-two runs each): the device busy 97.0-97.4% of the time against 95.1-96.9% before, in passes
-of 294-306 pairs against 238-242 (each burst's last pass ran part-empty). Not yet measured on
-the GPU. Results are written back into each request's own order; a cancelled request's
+four runs each in two sittings, the rules alternating): the device busy 91.0-97.4% of the time
+against 78.2-96.9% before, in passes of 288-306 pairs against 172-242 (each burst's last pass
+ran part-empty); in the second, slower sitting the old rule lost most (78-84% against
+91-94%). Not yet measured on the GPU. Results are written back into each request's own order; a cancelled request's
 remaining pairs are dropped before they reach the model. :meth:`MicroBatcher.submit_overlapped`
 gives a lone request the in-process call's overlap: its first small chunk is queued while
 the next chunks are tokenized (a request that finds the queue busy is tokenized in one
