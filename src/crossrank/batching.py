@@ -22,8 +22,10 @@ real server and tokenizer, a stand-in device at two thirds of the H200's rate, 3
 four runs each in two sittings, the rules alternating): the device busy 91.0-97.4% of the time
 against 78.2-96.9% before, in passes of 288-306 pairs against 172-242 (each burst's last pass
 ran part-empty); in the second, slower sitting the old rule lost most (78-84% against
-91-94%). Not yet measured on the GPU. Results are written back into each request's own order; a cancelled request's
-remaining pairs are dropped before they reach the model. :meth:`MicroBatcher.submit_overlapped`
+91-94%). Not yet measured on the GPU.
+
+Results are written back into each request's own order; a cancelled request's remaining
+pairs are dropped before they reach the model. :meth:`MicroBatcher.submit_overlapped`
 gives a lone request the in-process call's overlap: its first small chunk is queued while
 the next chunks are tokenized (a request that finds the queue busy is tokenized in one
 chunk: it is merged with the others' pairs anyway).
@@ -385,11 +387,11 @@ class MicroBatcher:
         self._requests = deque(live)
         if not live:
             return None
-        fill = _Fill(self._budget, self._packed)
+        fill, share = _Fill(self._budget, self._packed), self._budget // _SHARES
         taken: dict[int, list[int]] = {id(r): [] for r in live}
         while not fill.full and any(r.waiting for r in live):
             for request in live:
-                taken[id(request)] += fill.share_of(request, self._budget // _SHARES)
+                taken[id(request)] += fill.share_of(request, share)
                 if fill.full:
                     break
         owners = [(r, np.asarray(taken[id(r)], dtype=np.int64)) for r in live if taken[id(r)]]

@@ -140,13 +140,14 @@ class RerankDeployment:
         groups: dict[str | None, list[int]] = {}
         for i, (_, _, instruction) in enumerate(calls):
             groups.setdefault(instruction, []).append(i)
-        out: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(calls)
         members = list(groups.values())
         parts = await asyncio.gather(*(self._score_group([calls[i] for i in m]) for m in members))
-        for group, scores in zip(members, parts, strict=True):
-            for i, part in zip(group, scores, strict=True):
-                out[i] = part
-        return out
+        by_call = {
+            i: scores
+            for group, group_scores in zip(members, parts, strict=True)
+            for i, scores in zip(group, group_scores, strict=True)
+        }
+        return [by_call[i] for i in range(len(calls))]
 
     async def _score_group(self, calls: list[_HandleCall]) -> list[np.ndarray]:
         """Scores of handle calls that share one instruction, in one engine call."""
