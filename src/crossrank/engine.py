@@ -31,7 +31,12 @@ from crossrank.backends.setup import (
     score_cache,
     with_weights,
 )
-from crossrank.backends.workers import DevicePool, overlap_sizes, score_overlapped
+from crossrank.backends.workers import (
+    TOKENIZE_AHEAD,
+    DevicePool,
+    overlap_sizes,
+    score_overlapped,
+)
 from crossrank.batching import BatchObserver, MicroBatcher, Observers, plan_batches
 from crossrank.cache import CacheStats, open_cache
 from crossrank.jobs import Jobs
@@ -120,8 +125,9 @@ class Reranker(PeerCompat):
         )
         cache = score_cache(cache_backend, loaded, opts, self.dtype, self.tokenizer)
         self._jobs = Jobs(self.tokenizer, self.long_docs, cache)
+        # a thread per device (a call spread over them) and per chunk tokenized ahead
         self._call_pool = ThreadPoolExecutor(
-            max_workers=len(devices) + 1, thread_name_prefix="crossrank-call"
+            max_workers=len(devices) + TOKENIZE_AHEAD, thread_name_prefix="crossrank-call"
         )
         workers = build_workers(loaded, devices, self.tokenizer, opts)
         self._devices = DevicePool(workers, opts.split_tokens, self._call_pool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,6 +48,36 @@ def test_score_overlapped_keeps_order_and_tokenizes_off_thread() -> None:
     assert threads[0] == threading.current_thread().name
     assert len(threads) >= 3 and all(name.startswith("tok") for name in threads[1:3])
     assert queued == [16, 64, 20]
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_score_overlapped_tokenizes_ahead_while_queueing_waits(ahead: int) -> None:
+    """Queueing a chunk can wait (the device holds its limit of passes): meanwhile the next
+    ``ahead`` chunks are tokenized, and no more (each waits for a chunk to be queued)."""
+    docs = [str(i) for i in range(24)]
+    encoded: list[int] = []
+    changed = threading.Condition()
+    seen_while_first_waits: list[int] = []
+
+    def encode(qs, ds):
+        with changed:
+            encoded.append(int(ds[0]) // 4)
+            changed.notify_all()
+        return [int(d) for d in ds]
+
+    def submit(chunk):
+        if not seen_while_first_waits:  # the device is full: wait for the tokenizer
+            with changed:
+                changed.wait_for(lambda: len(encoded) >= 1 + ahead, timeout=10)
+            time.sleep(0.05)  # time for a chunk too many to start
+            seen_while_first_waits.append(len(encoded))
+        return lambda: np.asarray(chunk, dtype=np.float32)
+
+    with ThreadPoolExecutor(4) as pool:
+        out = score_overlapped(encode, submit, ["q"] * 24, docs, [4] * 6, pool, ahead=ahead)
+    np.testing.assert_array_equal(out, np.arange(24, dtype=np.float32))
+    assert seen_while_first_waits == [1 + ahead]
+    assert sorted(encoded) == list(range(6))
 
 
 def test_assign_batches_balances_tokens() -> None:
