@@ -8,6 +8,11 @@ Also here, because tests in several folders use them: the sample query and docum
 (``QUERY``/``DOCS``: constants, as parametrize lists and default arguments use them; import
 them with ``from tests.conftest import DOCS, QUERY``) and the RAG fixtures (XQuAD-R
 passages, the real all-MiniLM-L6-v2 embedder, the registry's engine for the tiny model).
+
+It also registers the decoder (LLM) reranker assets of tests/backends/llm_assets.py (the Qwen3
+tokenizer and the tiny Qwen3 and Gemma-shaped models), used by tests in several folders.
+Registered once here, each session-scoped asset is built once per test run (a session fixture
+imported into several conftests is built once per folder).
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ if not torch.cuda.is_available():
 from crossrank import Reranker
 from crossrank.registry import get_reranker
 from crossrank.testing import SKELETON, TINY_CONFIG, build_random_reranker, shared_dir
+from tests.backends.llm_assets import (  # noqa: F401 (fixtures)
+    bos_tokenizer_dir,
+    qwen3,
+    qwen_tokenizer_dir,
+    tiny_gemma_dir,
+    tiny_qwen3_dir,
+    tiny_qwen3_seq_cls_dir,
+)
 
 FALLBACK_SENTENCES = [
     "Mars is known as the Red Planet because of iron oxide on its surface.",

@@ -1,8 +1,8 @@
-"""Fixtures of the adapter tests: the real engine reporting a best span per document, and the
-tiny random decoder (LLM) reranker of tests/backends/llm_assets.py.
+"""Fixtures of the adapter tests: the real engine reporting a best span per document.
 
 The RAG fixtures the adapters share with the RAG tests (passages, all-MiniLM-L6-v2, the
-registry's engine) are in tests/conftest.py.
+registry's engine) and the decoder (LLM) reranker assets of tests/backends/llm_assets.py are
+in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -14,11 +14,6 @@ from typing import Any
 import pytest
 
 from crossrank import Reranker, RerankResult
-from tests.backends.llm_assets import (  # noqa: F401 (fixtures)
-    qwen3,
-    qwen_tokenizer_dir,
-    tiny_qwen3_dir,
-)
 
 
 class SpanReranker(Reranker):

@@ -1,6 +1,7 @@
 """Fixtures of the backend tests: a tiny random BERT config (the BERT family, with token type
-ids, next to the XLM-R tiny model of tests/conftest.py) and the decoder (LLM) reranker assets
-of llm_assets.py."""
+ids, next to the XLM-R tiny model of tests/conftest.py).
+
+The decoder (LLM) reranker assets of llm_assets.py are registered in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -9,15 +10,6 @@ from typing import Any
 
 import pytest
 from transformers import BertConfig
-
-from .llm_assets import (  # noqa: F401  (fixtures)
-    bos_tokenizer_dir,
-    qwen3,
-    qwen_tokenizer_dir,
-    tiny_gemma_dir,
-    tiny_qwen3_dir,
-    tiny_qwen3_seq_cls_dir,
-)
 
 #: A 2-layer, 32-wide BERT: small enough to build in milliseconds on CPU.
 TINY_BERT: dict[str, Any] = {
