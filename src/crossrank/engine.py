@@ -32,7 +32,7 @@ from crossrank.backends.setup import (
     with_weights,
 )
 from crossrank.backends.workers import (
-    TOKENIZE_AHEAD,
+    MOST_AHEAD,
     DevicePool,
     overlap_sizes,
     score_overlapped,
@@ -127,7 +127,7 @@ class Reranker(PeerCompat):
         self._jobs = Jobs(self.tokenizer, self.long_docs, cache)
         # a thread per device (a call spread over them) and per chunk tokenized ahead
         self._call_pool = ThreadPoolExecutor(
-            max_workers=len(devices) + TOKENIZE_AHEAD, thread_name_prefix="crossrank-call"
+            max_workers=len(devices) + MOST_AHEAD, thread_name_prefix="crossrank-call"
         )
         workers = build_workers(loaded, devices, self.tokenizer, opts)
         self._devices = DevicePool(workers, opts.split_tokens, self._call_pool)

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from crossrank import Reranker
-from crossrank.backends.workers import assign_batches, chunk_sizes, run_on_devices, score_overlapped
+from crossrank.backends.workers import (
+    assign_batches,
+    chunk_sizes,
+    run_on_devices,
+    score_overlapped,
+    tokenize_ahead,
+)
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 20, 24, 50, 100, 129, 300, 2000, 5001])
@@ -78,6 +84,14 @@ def test_score_overlapped_tokenizes_ahead_while_queueing_waits(ahead: int) -> No
     np.testing.assert_array_equal(out, np.arange(24, dtype=np.float32))
     assert seen_while_first_waits == [1 + ahead]
     assert sorted(encoded) == list(range(6))
+
+
+@pytest.mark.parametrize(("setting", "ahead"), [("false", 2), ("true", 1)])
+def test_two_chunks_ahead_only_where_crossranks_threads_tokenize(
+    monkeypatch: pytest.MonkeyPatch, setting: str, ahead: int
+) -> None:
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", setting)
+    assert tokenize_ahead() == ahead
 
 
 def test_assign_batches_balances_tokens() -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from crossrank import Reranker
+from crossrank.validation import scrub_surrogates
 
 
 @pytest.mark.parametrize("query", [None, 3, b"bytes", ["list"]])
@@ -95,3 +96,11 @@ def test_constructor_rejects_bad_options(tiny_model_dir) -> None:
         Reranker(str(tiny_model_dir), dtype="float8")
     with pytest.raises(ValueError, match="CUDA is not available"):
         Reranker(str(tiny_model_dir), device="cuda:1")
+
+
+def test_scrub_surrogates_replaces_each_lone_surrogate_in_place() -> None:
+    texts = ["plain", "é\ud800x", "火星\udfff\ud800", "no surrogate: 火星 😀", ""]
+    scrubbed = scrub_surrogates(texts)
+    assert scrubbed == ["plain", "é\ufffdx", "火星\ufffd\ufffd", "no surrogate: 火星 😀", ""]
+    assert [len(t) for t in scrubbed] == [len(t) for t in texts]  # offsets unchanged
+    assert texts[1] == "é\ud800x"  # the caller's list is not changed

@@ -28,7 +28,7 @@ from crossrank.backends.base import Pending, Runner
 from crossrank.backends.families import raw_scores
 from crossrank.batching import plan_batches
 from crossrank.options import EngineOptions
-from crossrank.tokenization import EncodedPairs
+from crossrank.tokenization import EncodedPairs, rust_parallelism
 
 if TYPE_CHECKING:
     from crossrank.backends.selfcheck import SelfCheck
@@ -38,13 +38,8 @@ logger = logging.getLogger(__name__)
 Encode = Callable[[Sequence[str], Sequence[str]], EncodedPairs]
 Submit = Callable[[EncodedPairs], Pending]
 
-#: Chunks :func:`score_overlapped` tokenizes ahead of the one being queued.
-#: Measured on one H200 (16-core host; bge-reranker-v2-m3 random weights, long documents of
-#: 507 tokens per pair, 2,000 pairs in one call, ``TOKENIZERS_PARALLELISM=false``): with one
-#: chunk ahead, crossrank's tokenizing threads were idle 80 % of the time, and the thread
-#: tokenizing the next chunk 38 % waiting for the previous one to be queued (py-spy), at
-#: 1,011 pairs/s where tokenization alone ran 1,366 and the device alone 1,486.
-TOKENIZE_AHEAD = 2
+#: The most chunks :func:`score_overlapped` tokenizes ahead (see :func:`tokenize_ahead`).
+MOST_AHEAD = 2
 
 
 def chunk_sizes(n: int, first: int, largest: int, growth: int = 4) -> list[int]:
@@ -72,6 +67,32 @@ def overlap_sizes(n: int, options: EngineOptions, *, packed: bool) -> list[int] 
     return chunk_sizes(n, options.overlap_first_chunk, options.overlap_chunk_pairs)
 
 
+def tokenize_ahead() -> int:
+    """Chunks :func:`score_overlapped` tokenizes ahead of the one being queued: two where
+    crossrank's own threads tokenize, one where the Rust tokenizer parallelizes a call
+    itself (:func:`~crossrank.tokenization.rust_parallelism`).
+
+    Measured on one H200 (16-core host; bge-reranker-v2-m3 random weights, 2,000 pairs in
+    one call, calls alternating between 1, 2 and 3 chunks ahead, pairs/s):
+
+    ======================== ============================ ===========================
+    tokenizer threads         long documents (507 tokens)  XQuAD-R (193 tokens)
+    ======================== ============================ ===========================
+    crossrank's (``false``)   1,044 / **1,251** / 900       3,920 / 3,919 / 3,549
+    the tokenizer's own       **1,321** / 1,288 / 1,260     **3,969** / 3,940 / 3,813
+    ======================== ============================ ===========================
+
+    With crossrank's threads and one chunk ahead, long documents left those threads idle
+    80 % of the time (py-spy) while queueing a chunk waited for the device, and the thread
+    tokenizing the next chunk waited 38 % for the chunk before it to be queued: 1,011
+    pairs/s where tokenization alone ran 1,366 and the device alone 1,486. crossrank's
+    threads take one chunk each, so those done first idle until a call's last chunk ends;
+    a second call in flight gives them work. The tokenizer's own threads take work pair by
+    pair, and there a second call only competed with the first.
+    """
+    return 1 if rust_parallelism() else MOST_AHEAD
+
+
 def score_overlapped(
     encode: Encode,
     submit: Submit,
@@ -79,7 +100,7 @@ def score_overlapped(
     documents: Sequence[str],
     sizes: Sequence[int],
     executor: Executor,
-    ahead: int = TOKENIZE_AHEAD,
+    ahead: int | None = None,
 ) -> np.ndarray:
     """Score pairs in chunks of ``sizes``: up to ``ahead`` later chunks are tokenized on
     ``executor`` while the chunks before them are queued on the device from the calling
@@ -89,8 +110,8 @@ def score_overlapped(
 
     Why more than one chunk ahead: queueing a chunk waits while the device already holds
     its limit of passes, and a tokenizer that waited with it left the CPU idle for that
-    time, then the device for the time of the next chunk's tokenization (see
-    ``TOKENIZE_AHEAD``)."""
+    time, then the device for the time of the next chunk's tokenization. ``ahead``:
+    :func:`tokenize_ahead` unless given."""
     out = np.empty(len(documents), dtype=np.float32)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     if bounds[-1] != len(documents):
@@ -99,6 +120,7 @@ def score_overlapped(
     def chunk(k: int) -> EncodedPairs:
         return encode(queries[bounds[k] : bounds[k + 1]], documents[bounds[k] : bounds[k + 1]])
 
+    ahead = tokenize_ahead() if ahead is None else ahead
     encoded = chunk(0)
     later = deque(executor.submit(chunk, k) for k in range(1, min(1 + ahead, len(sizes))))
     queued: list[Pending] = []
