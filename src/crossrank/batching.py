@@ -22,7 +22,9 @@ real server and tokenizer, a stand-in device at two thirds of the H200's rate, 3
 four runs each in two sittings, the rules alternating): the device busy 91.0-97.4% of the time
 against 78.2-96.9% before, in passes of 288-306 pairs against 172-242 (each burst's last pass
 ran part-empty); in the second, slower sitting the old rule lost most (78-84% against
-91-94%). Not yet measured on the GPU.
+91-94%). On one H200 (``benchmarks/load.py --random full --device cuda --clients 32
+--requests 1200``): the server at 0.98 of the engine's offline pairs/s, in 184 passes of 326
+pairs, against 0.856 in 253 passes of 237 with the old rule (another session, same command).
 
 Results are written back into each request's own order; a cancelled request's remaining
 pairs are dropped before they reach the model. :meth:`MicroBatcher.submit_overlapped`
