@@ -5,11 +5,15 @@ The decoder (LLM) reranker assets of llm_assets.py are registered in tests/conft
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from transformers import BertConfig
+
+from crossrank.backends import fused
 
 #: A 2-layer, 32-wide BERT: small enough to build in milliseconds on CPU.
 TINY_BERT: dict[str, Any] = {
@@ -19,6 +23,18 @@ TINY_BERT: dict[str, Any] = {
     "intermediate_size": 64,
     "type_vocab_size": 2,
 }
+
+#: the Triton kernels run on the GPU when there is one, else through Triton's interpreter on
+#: CPU tensors (tests/conftest.py sets TRITON_INTERPRET before Triton is imported)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the Triton kernels run (on CPU tensors through the interpreter)."""
+    if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
+    monkeypatch.setattr(fused, "INTERPRET_ON_CPU", True)
 
 
 @pytest.fixture(scope="session")

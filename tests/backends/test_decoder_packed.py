@@ -110,13 +110,23 @@ def test_encoders_are_refused(tiny_model_dir: Path):
     assert "not one of" in (unsupported_reason(Auto.from_pretrained(tiny_model_dir)) or "")
 
 
-@pytest.mark.parametrize("make_pairs", [one_query, many_queries], ids=["1xN", "NxM"])
-def test_graph_layout_gives_the_same_logits(tiny_qwen3_dir: Path, make_pairs):
+@pytest.mark.parametrize(
+    ("make_pairs", "kernel"),
+    [(one_query, False), (many_queries, False), (one_query, True)],  # interpreted: slow
+    ids=["1xN", "NxM", "1xN-prefix-kernel"],
+)
+def test_graph_layout_gives_the_same_logits(
+    tiny_qwen3_dir: Path, make_pairs, kernel: bool, request: pytest.FixtureRequest
+):
     """A pass laid out in a CUDA graph's padded shape (filler and empty sequences) gives the
-    real pairs' logits unchanged; checked through the CPU attention path."""
+    real pairs' logits unchanged; checked through the CPU attention path, and through the
+    shared-prefix kernel (Triton's interpreter)."""
+    if kernel:
+        request.getfixturevalue("interpret")
     prompt, _, packed, _ = runners(tiny_qwen3_dir, QWEN3)
+    assert packed.prefix_kernel == kernel
     encoded = prompt.encode(*make_pairs())
-    batch = pack_with_prefix(encoded, common_prefix(encoded))
+    batch = pack_with_prefix(encoded, common_prefix(encoded), gather_keys=not kernel)
     key = _graph_key(batch)
     assert key[0] % 256 == 0 and key[0] > batch.ids.shape[0] - 256
     with torch.inference_mode():

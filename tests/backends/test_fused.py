@@ -4,7 +4,6 @@ reference runner."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,7 @@ from .llm_assets import SAMPLE_DOCUMENTS, SAMPLE_QUERIES
 from .test_decoder_packed import runners
 
 pytest.importorskip("triton", reason="the fused kernels need Triton (pip install triton)")
-#: the kernels run on the GPU when there is one, else through Triton's interpreter on CPU
-#: tensors (tests/conftest.py sets TRITON_INTERPRET before Triton is imported)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
-    monkeypatch.setattr(fused, "INTERPRET_ON_CPU", True)
+from .conftest import DEVICE
 
 
 def rope_tables(tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +120,7 @@ def test_packed_runner_through_the_kernels(
         tiny_qwen3_dir if model == "qwen3" else tiny_gemma_dir, family
     )
     assert all(layer.act_kind is not None for layer in packed.layers)
+    assert packed.prefix_kernel  # attention through the shared-prefix kernel too
     encoded = prompt.encode([SAMPLE_QUERIES[0]] * 3, SAMPLE_DOCUMENTS[:3])
     np.testing.assert_allclose(packed.run(encoded), padded.run(encoded), atol=1e-4)
     assert packed.stats.prefix_tokens_saved > 0

@@ -59,6 +59,14 @@ from crossrank.backends.packed import (
     kv_heads_for_attention,
     varlen_attention,
 )
+from crossrank.backends.prefix_attention import (
+    BLOCK_M,
+    block_table,
+    kernel_applies,
+    last_row_table,
+    pad_table,
+    prefix_attention,
+)
 from crossrank.tokenization import EncodedPairs
 
 logger = logging.getLogger(__name__)
@@ -184,7 +192,10 @@ class PrefixBatch:
     """A pass as one token stream: the shared prefix once (sequence 0, possibly empty), then
     each pair's remaining tokens. ``cu_q``/``cu_k`` are the cumulative query/key lengths per
     sequence (a pair's keys are the prefix then its own tokens), ``key_index`` picks each
-    sequence's keys out of the stream, ``last`` each pair's last token in the stream."""
+    sequence's keys out of the stream, ``last`` each pair's last token in the stream.
+    ``blocks``/``last_blocks``: the same attention as tables of query blocks for the
+    shared-prefix kernel (:mod:`crossrank.backends.prefix_attention`), which reads the keys
+    in the stream itself (every layer; the last layer's only query per pair)."""
 
     ids: np.ndarray
     positions: np.ndarray
@@ -192,6 +203,8 @@ class PrefixBatch:
     cu_k: np.ndarray
     key_index: np.ndarray
     last: np.ndarray
+    blocks: np.ndarray
+    last_blocks: np.ndarray
     prefix: int
     bound: tuple[int, int] | None = None  # (max_q, max_k) upper bounds fixed by a graph
 
@@ -217,40 +230,56 @@ def common_prefix(encoded: EncodedPairs) -> int:
     return width if same.all() else int(np.argmin(same))
 
 
-def pack_with_prefix(encoded: EncodedPairs, prefix: int) -> PrefixBatch:
-    """Lay ``encoded`` out as ``prefix`` shared tokens followed by each pair's own tokens."""
+def pack_with_prefix(
+    encoded: EncodedPairs, prefix: int, *, gather_keys: bool = True
+) -> PrefixBatch:
+    """Lay ``encoded`` out as ``prefix`` shared tokens followed by each pair's own tokens;
+    ``gather_keys=False`` leaves out the gathered key layout (``cu_k`` zeros, no
+    ``key_index``), which only the varlen kernel reads."""
     rows = np.arange(len(encoded))
     own = encoded.lengths - prefix
     ids, cu_own = EncodedPairs(encoded.ids, encoded.offsets + prefix, own).packed(rows)
     head = encoded.ids[encoded.offsets[0] : encoded.offsets[0] + prefix]
-    stream = np.concatenate([head, ids])
     starts = np.repeat(cu_own[:-1].astype(np.int64), own)
     positions = np.concatenate(
         [np.arange(prefix), prefix + np.arange(len(ids), dtype=np.int64) - starts]
     )
     cu_q = np.concatenate([[0], prefix + cu_own]).astype(np.int32)
-    key_lengths = np.concatenate([[prefix], prefix + own])
-    cu_k = np.zeros(len(key_lengths) + 1, dtype=np.int32)
-    np.cumsum(key_lengths, out=cu_k[1:])
-    # sequence 0's keys: the prefix; pair i's: the prefix, then its own tokens
-    shared = np.tile(np.arange(prefix), len(encoded) + 1)
-    owned = prefix + np.arange(len(ids))
-    key_index = np.empty(int(cu_k[-1]), dtype=np.int64)
-    is_shared = np.zeros(int(cu_k[-1]), dtype=bool)
-    seq_start = cu_k[:-1].astype(np.int64)
-    within = np.arange(int(cu_k[-1])) - np.repeat(seq_start, key_lengths)
-    is_shared[within < prefix] = True
-    key_index[is_shared] = shared
-    key_index[~is_shared] = owned
+    if gather_keys:
+        cu_k, key_index = _gathered_keys(prefix, own)
+    else:
+        cu_k, key_index = np.zeros(len(cu_q), np.int32), np.empty(0, np.int64)
+    firsts = cu_q[:-1].astype(np.int64)
+    sees_prefix = np.full(len(own) + 1, prefix)
+    sees_prefix[0] = 0
     return PrefixBatch(
-        ids=stream,
+        ids=np.concatenate([head, ids]),
         positions=positions,
         cu_q=cu_q,
         cu_k=cu_k,
         key_index=key_index,
         last=(prefix + cu_own[1:] - 1).astype(np.int64),
+        blocks=block_table(firsts, np.diff(cu_q), sees_prefix),
+        last_blocks=last_row_table(firsts[1:], own, prefix),
         prefix=prefix,
     )
+
+
+def _gathered_keys(prefix: int, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cu_k`` and ``key_index`` of the stream: sequence 0's keys are the prefix, pair
+    ``i``'s the prefix, then its own tokens."""
+    key_lengths = np.concatenate([[prefix], prefix + own])
+    cu_k = np.zeros(len(key_lengths) + 1, dtype=np.int32)
+    np.cumsum(key_lengths, out=cu_k[1:])
+    shared = np.tile(np.arange(prefix), len(own) + 1)
+    owned = prefix + np.arange(int(own.sum()))
+    key_index = np.empty(int(cu_k[-1]), dtype=np.int64)
+    is_shared = np.zeros(int(cu_k[-1]), dtype=bool)
+    within = np.arange(int(cu_k[-1])) - np.repeat(cu_k[:-1].astype(np.int64), key_lengths)
+    is_shared[within < prefix] = True
+    key_index[is_shared] = shared
+    key_index[~is_shared] = owned
+    return cu_k, key_index
 
 
 # ---------------------------------------------------------------------------- device side
@@ -263,6 +292,8 @@ class _DeviceBatch:
     cu_last: Tensor  # 0, 0, 1, ..., pairs: one query (the last token) per pair, none for the prefix
     key_index: Tensor
     last: Tensor
+    blocks: Tensor
+    last_blocks: Tensor
     max_q: int
     max_k: int
     host: tuple[list[int], list[int]] | None  # cu_q, cu_k on the host (CPU attention)
@@ -302,6 +333,7 @@ def _pad_batch(batch: PrefixBatch, key: tuple[int, int, int, int, int]) -> Prefi
     filler_q, filler_k = tokens - t, keys - k
     empty = sequences - len(batch.last) - 2
     filler_keys = t + np.arange(filler_k) % max(filler_q, 1) if filler_q else np.zeros(filler_k)
+    filler = block_table(np.array([t]), np.array([filler_q]), np.array([0]))
     return PrefixBatch(
         ids=np.concatenate([batch.ids, np.zeros(filler_q, np.int64)]),
         positions=np.concatenate([batch.positions, np.arange(filler_q)]),
@@ -309,13 +341,20 @@ def _pad_batch(batch: PrefixBatch, key: tuple[int, int, int, int, int]) -> Prefi
         cu_k=np.concatenate([batch.cu_k, [keys], np.full(empty, keys)]).astype(np.int32),
         key_index=np.concatenate([batch.key_index, filler_keys]).astype(np.int64),
         last=np.concatenate([batch.last, np.zeros(empty + 1, np.int64)]),
+        # the most blocks a pass of these tokens and sequence slots can need; the last
+        # layer's padding rows have empty blocks and are dropped
+        blocks=pad_table(np.concatenate([batch.blocks, filler]), tokens // BLOCK_M + sequences),
+        last_blocks=pad_table(batch.last_blocks, sequences - 1),
         prefix=batch.prefix,
         bound=(max_q, max_k),
     )
 
 
 def _tensors(db: _DeviceBatch) -> list[Tensor]:
-    return [db.ids, db.positions, db.cu_q, db.cu_k, db.cu_last, db.key_index, db.last]
+    return [
+        db.ids, db.positions, db.cu_q, db.cu_k, db.cu_last, db.key_index, db.last, db.blocks,
+        db.last_blocks,
+    ]  # fmt: skip
 
 
 @dataclass
@@ -368,6 +407,8 @@ class DecoderPackedRunner(Runner):
         self._qkv_sizes = [self.heads * self.head_dim, kv_size, kv_size]
         # keys/values are written out per pass anyway: repeated there if attention needs it
         self._kv_repeat = kv_heads_for_attention(device, self.heads, self.kv_heads) // self.kv_heads
+        #: attention by the shared-prefix kernel (Triton) rather than a varlen flash kernel
+        self.prefix_kernel = kernel_applies(torch.empty(0, device=device), self.head_dim)
         self.embed = body.embed_tokens
         self.rotary = body.rotary_emb
         self.final_norm = body.norm
@@ -386,7 +427,7 @@ class DecoderPackedRunner(Runner):
         prefix = common_prefix(encoded) if self.share_prefix else 0
         if prefix < self.min_shared_tokens:
             prefix = 0
-        batch = pack_with_prefix(encoded, prefix)
+        batch = pack_with_prefix(encoded, prefix, gather_keys=not self.prefix_kernel)
         self.stats.passes += 1
         self.stats.tokens_computed += int(batch.ids.shape[0])
         self.stats.prefix_tokens_saved += prefix * (len(encoded) - 1)
@@ -404,7 +445,8 @@ class DecoderPackedRunner(Runner):
             batch = _pad_batch(batch, pad_to)
         pairs = len(batch.last)
         cu_last = np.concatenate([[0], np.arange(pairs + 1)])
-        parts = [batch.ids, batch.positions, batch.cu_q, batch.cu_k, cu_last]
+        tables = [batch.blocks.ravel(), batch.last_blocks.ravel()]
+        parts = [batch.ids, batch.positions, batch.cu_q, batch.cu_k, cu_last, *tables]
         big = [batch.key_index, batch.last]
         on_cuda = self.device.type == "cuda"
 
@@ -415,12 +457,16 @@ class DecoderPackedRunner(Runner):
         small = put(parts, torch.int32)
         index = put(big, torch.int64)
         t, n = batch.ids.shape[0], pairs + 2
+        at = 2 * t + 3 * n
+        blocks = small[at : at + batch.blocks.size].view(-1, batch.blocks.shape[1])
         return _DeviceBatch(
             ids=small[:t],
             positions=small[t : 2 * t],
             cu_q=small[2 * t : 2 * t + n],
             cu_k=small[2 * t + n : 2 * t + 2 * n],
-            cu_last=small[2 * t + 2 * n :],
+            cu_last=small[2 * t + 2 * n : at],
+            blocks=blocks,
+            last_blocks=small[at + batch.blocks.size :].view(-1, batch.blocks.shape[1]),
             key_index=index[: batch.key_index.shape[0]],
             last=index[batch.key_index.shape[0] :],
             max_q=batch.max_q,
@@ -471,22 +517,45 @@ class DecoderPackedRunner(Runner):
             )
             last = i == last_layer  # only each pair's last token is read after the last layer
             q, _ = rope_heads(q, self.heads, cos, sin, layer.q_norm, db.last if last else None)
-            k, v = rope_heads(
-                k, self.kv_heads, cos, sin, layer.k_norm, db.key_index, v, self._kv_repeat
-            )
-            assert v is not None
-            cu_q, max_q, host = db.cu_q, db.max_q, db.host
             if last:
                 x = x.index_select(0, db.last)
-                cu_q, max_q = db.cu_last, 1
-                host = None if host is None else (db.cu_last.tolist(), host[1])
-            a = varlen_attention(
-                q, k, v, cu_q, db.cu_k, max_q, db.max_k, layer.scale, host, causal=True
-            ).reshape(q.shape[0], -1)
+            a = self._attention(db, layer, q, k, v, (cos, sin), last).reshape(q.shape[0], -1)
             x = _add_linear(x, a, layer.out_w, layer.out_b)
             gate_up = F.linear(layer.post_norm(x), layer.gate_up_w)
             x = _add_linear(x, gated_act(gate_up, layer.act_kind, layer.act), layer.down_w, None)
         return F.linear(self.final_norm(x), self.head_w, self.head_b)
+
+    def _attention(
+        self,
+        db: _DeviceBatch,
+        layer: _Layer,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope: tuple[Tensor, Tensor],
+        last: bool,
+    ) -> Tensor:
+        """Each pair's queries (``q``, RoPE done) over the prefix's keys, then its own
+        (``last``: one query per pair); ``k``/``v`` are the stream's projections, ``rope``
+        its cos/sin. The shared-prefix kernel reads them in the stream where it runs, else a
+        varlen kernel reads them gathered into each sequence's layout."""
+        cos, sin = rope
+        if self.prefix_kernel:
+            k, _ = rope_heads(k, self.kv_heads, cos, sin, layer.k_norm)
+            v = v.unflatten(-1, (self.kv_heads, self.head_dim))
+            blocks = db.last_blocks if last else db.blocks
+            return prefix_attention(q, k, v, blocks, layer.scale, last_rows=last)
+        k, gathered_v = rope_heads(
+            k, self.kv_heads, cos, sin, layer.k_norm, db.key_index, v, self._kv_repeat
+        )
+        assert gathered_v is not None
+        cu_q, max_q, host = db.cu_q, db.max_q, db.host
+        if last:
+            cu_q, max_q = db.cu_last, 1
+            host = None if host is None else (db.cu_last.tolist(), host[1])
+        return varlen_attention(
+            q, k, gathered_v, cu_q, db.cu_k, max_q, db.max_k, layer.scale, host, causal=True
+        )
 
 
 def choose_decoder_runner(

@@ -42,6 +42,7 @@ try:  # Triton reads TRITON_INTERPRET when it is imported
     import triton.language as tl
 except Exception:  # not installed, or broken for this torch: the PyTorch ops serve
     triton = None
+    tl = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def _interpreting() -> bool:
 INTERPRET_ON_CPU = False
 
 
-def _use_kernels(x: Tensor) -> bool:
+def use_kernels(x: Tensor) -> bool:
+    """Whether the Triton kernels run on ``x``'s device (CUDA; CPU under the interpreter)."""
     on_cpu = INTERPRET_ON_CPU and x.device.type == "cpu" and _interpreting()
     return triton is not None and (x.is_cuda or on_cpu)
 
@@ -108,7 +110,7 @@ def rope_heads(
     dim]``, each head repeated ``repeat`` times in place (grouped-query attention for a
     kernel that needs as many key heads as query heads). ``values`` (same layout as ``x``):
     its same rows and heads, without RoPE, as the second output (else ``None``)."""
-    if _use_kernels(x) and _kernel_shape_ok(x.shape[1] // heads):
+    if use_kernels(x) and _kernel_shape_ok(x.shape[1] // heads):
         return _rope_heads_kernel(x, heads, cos, sin, norm, rows, values, repeat)
     out = _rope_heads_reference(x, heads, cos, sin, norm, rows)
     out = out if repeat == 1 else out.repeat_interleave(repeat, dim=1)
@@ -118,7 +120,7 @@ def rope_heads(
 def gated_act(gate_up: Tensor, kind: str | None, act: Callable[[Tensor], Tensor]) -> Tensor:
     """``act(gate) * up`` where ``gate_up = [gate | up]`` ``[tokens, 2 * inner]``; ``kind``
     (from :func:`act_kind`) selects the fused kernel, ``None`` runs ``act`` as given."""
-    if kind is not None and _use_kernels(gate_up) and gate_up.is_contiguous():
+    if kind is not None and use_kernels(gate_up) and gate_up.is_contiguous():
         return _gated_act_kernel(gate_up, kind)
     gate, up = gate_up.chunk(2, dim=-1)
     return act(gate) * up
