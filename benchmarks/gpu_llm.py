@@ -190,12 +190,15 @@ class LlmBench:
             [engine.score_pairs(p, normalize=False).ravel() for p in self.parity_sets]
         ).astype(np.float64)
 
-    def crossrank(self, model_dir: Path, label: str, share_prefix: bool = True) -> Row:
+    def crossrank(
+        self, model_dir: Path, label: str, share_prefix: bool = True, prefix_kernel: bool = True
+    ) -> Row:
         engine = Reranker(str(model_dir), device=str(self.device), dtype=self.dtype)
         runner = engine.runner
         if hasattr(runner, "share_prefix"):
             runner.share_prefix = share_prefix
-        elif not share_prefix:
+            runner.prefix_kernel = runner.prefix_kernel and prefix_kernel
+        elif not share_prefix or not prefix_kernel:
             raise RuntimeError("the padded reference runner has no shared prefix to turn off")
         stats = getattr(runner, "stats", None)
         start = [0]
@@ -212,6 +215,8 @@ class LlmBench:
             return encoded.total_tokens
 
         suffix = "" if share_prefix else ", no shared prefix"
+        if getattr(runner, "prefix_kernel", True) is False:
+            suffix += ", varlen attention on gathered keys"
         name = f"crossrank {label} ({runner.__class__.__name__}{suffix})"
         diff = None
         if self.ref32 is not None:
@@ -351,6 +356,10 @@ class LlmBench:
                 f"crossrank {label}, no shared prefix",
                 lambda: self.crossrank(model_dir, label, share_prefix=False),
             )
+            self.guarded(
+                f"crossrank {label}, flash varlen",
+                lambda: self.crossrank(model_dir, label, prefix_kernel=False),
+            )
         if kind not in args.peers.split(","):
             return
         if kind == "gemma":
@@ -390,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         "--peers", default="0.6b,gemma", help="shapes that also get the peers' rows"
     )
     parser.add_argument(
-        "--ablation", default="0.6b,gemma", help="shapes that also run without the shared prefix"
+        "--ablation",
+        default="0.6b,gemma",
+        help="shapes that also run without the shared prefix, and without the shared-prefix "
+        "attention kernel (a varlen flash kernel on gathered keys instead)",
     )
     parser.add_argument(
         "--parity", default="0.6b,gemma", help="shapes checked against the fp32 padded runner"
