@@ -127,7 +127,7 @@ def test_graph_layout_gives_the_same_logits(
     assert packed.prefix_kernel == kernel
     encoded = prompt.encode(*make_pairs())
     batch = pack_with_prefix(encoded, common_prefix(encoded), gather_keys=not kernel)
-    key = _graph_key(batch)
+    key = _graph_key(batch, gathered=not kernel)
     assert key[0] % 256 == 0 and key[0] > batch.ids.shape[0] - 256
     with torch.inference_mode():
         graphed = packed._forward(packed._upload(batch, key))[: len(encoded)]

@@ -304,14 +304,17 @@ _KEY_STEP = 512  # graph key buckets
 _LEN_STEP = 128  # max-length buckets (flash attention's block)
 
 
-def _graph_key(batch: PrefixBatch) -> tuple[int, int, int, int, int]:
+def _graph_key(batch: PrefixBatch, gathered: bool = True) -> tuple[int, int, int, int, int]:
     """(tokens, keys, sequences, max_q, max_k) of the graph serving ``batch``, each rounded
     up to a bucket: the unused tokens form one filler sequence (with at least as many keys as
-    queries), and the sequence slots are a power of two."""
+    queries), and the sequence slots are a power of two. Without ``gathered`` keys (the
+    shared-prefix kernel reads the stream's) only tokens and sequences vary."""
     t, k = batch.ids.shape[0], batch.key_index.shape[0]
     tokens = -(-t // _TOKEN_STEP) * _TOKEN_STEP
-    keys = -(-(k + tokens - t) // _KEY_STEP) * _KEY_STEP
     sequences = 1 << max(len(batch.last) + 2, 16).bit_length()
+    if not gathered:
+        return (tokens, 0, sequences, 0, 0)
+    keys = -(-(k + tokens - t) // _KEY_STEP) * _KEY_STEP
     max_q = max(batch.max_q, tokens - t, 1)
     max_k = max(batch.max_k, keys - k, 1)
     return (
@@ -477,7 +480,7 @@ class DecoderPackedRunner(Runner):
     # ---- CUDA graphs
     def _replay(self, batch: PrefixBatch) -> Tensor:
         """Run ``batch`` through the captured graph of its shape bucket (captured if new)."""
-        key = _graph_key(batch)
+        key = _graph_key(batch, gathered=not self.prefix_kernel)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(batch, key)
