@@ -6,30 +6,35 @@ template prefix and the instruction, and in a 1 x N request the query too). The 
 reference path (:class:`~crossrank.backends.decoder.DecoderPaddedRunner`) computes padding,
 and recomputes that common prefix for every pair.
 
-This runner concatenates the pairs into one token stream and runs causal variable-length
-attention over it (flash attention on CUDA), with RoPE, grouped-query attention, RMSNorm and
-Qwen3's QK-norm taken from the loaded Hugging Face modules. The longest token prefix common to
-all pairs of a pass is computed **once**: it is the stream's first sequence, and every pair's
-queries attend to its keys and values followed by their own (a causal model's prefix states do
-not depend on what follows). In the last layer only each pair's last token goes through
-attention output and MLP, and the head is only the answer-token rows (``[k, hidden]``). The
-elementwise work between the GEMMs (QK-norm, RoPE, the key/value gather of the prefix layout,
+This runner concatenates the pairs into one token stream and runs causal attention over it,
+with RoPE, grouped-query attention, RMSNorm and Qwen3's QK-norm taken from the loaded Hugging
+Face modules. The longest token prefix common to all pairs of a pass is computed **once**: it
+is the stream's first sequence, and every pair's queries attend to its keys and values
+followed by their own (a causal model's prefix states do not depend on what follows). On CUDA
+with Triton the attention is the shared-prefix kernel of
+:mod:`crossrank.backends.prefix_attention`, which reads those keys where the projection wrote
+them; elsewhere each sequence's keys are gathered into their own layout for a varlen kernel
+(flash attention on CUDA; per-sequence SDPA with a bottom-right causal mask on CPU, so the
+packing, prefix and graph-layout logic are tested without a GPU). In the last layer only each
+pair's last token goes through attention output and MLP, and the head is only the
+answer-token rows (``[k, hidden]``). The elementwise work between the GEMMs (QK-norm, RoPE,
 the gated activation) runs in the fused kernels of :mod:`crossrank.backends.fused`.
 
 Output: float32 ``[pairs, num_labels]``, the same as the padded runner's (see
-``crossrank.backends.decoder``). The CPU code path (per-sequence SDPA with a bottom-right
-causal mask) exists so the packing, prefix and graph-layout logic are tested without a GPU.
+``crossrank.backends.decoder``).
 
 On CUDA, passes of at most ``graph_max_tokens`` stream tokens are replayed from a CUDA graph
-captured per (token, key, sequence-slot, max-length) bucket, padded with a filler sequence
-and empty sequences, as the encoder runner does; larger passes run eagerly. Checked on one
-H200 (random weights of the Qwen3-Reranker-0.6B and bge-reranker-v2-gemma shapes, bf16,
-PyTorch's flash kernel; ``benchmarks/gpu_llm.py``): over a bulk call and 1x50 calls (graph
-replays and eager passes) the packed scores are as close to the fp32 padded reference as the
-padded bf16 path is (0.6B: largest raw difference 0.032 vs 0.029; gemma 0.77 vs 0.78), with
-and without the shared prefix. Measured there (0.6B shape, XQuAD-R): 1,650-2,420 pairs/s
-and 27-28 ms per 1x50 request, 56% MFU; a 1x50 pass is 20 ms on the GPU, half of it GEMMs
-(``benchmarks/gpu_llm_profile.py``). Tables: ``docs/benchmarks.md``.
+captured per shape bucket (tokens and sequence slots; with gathered keys also key count and
+longest sequence), padded with a filler sequence and empty sequences, as the encoder runner
+does; larger passes run eagerly. Checked on one H200 (random weights of the
+Qwen3-Reranker-0.6B and bge-reranker-v2-gemma shapes, bf16; ``benchmarks/gpu_llm.py``): over
+a bulk call and 1x50 calls (graph replays and eager passes) the packed scores are as close to
+the fp32 padded reference as the padded bf16 path is (0.6B: largest raw difference 0.0323 vs
+0.0324; gemma 1.18 vs 1.18), with and without the shared prefix, with the kernel or flash.
+Measured there (0.6B shape, XQuAD-R): 2,692 pairs/s at 61% MFU, 23-26 ms per 1x50 request
+(2,373 pairs/s and 26-33 ms with flash on gathered keys). A 1x50 request is the GPU's 16-17 ms
+for its ~8,800 tokens, GEMMs at ~700 TFLOP/s, plus the ~5 ms it takes to tokenize and queue a
+first chunk of 12 pairs. Tables: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
