@@ -87,3 +87,10 @@ def test_last_rows_see_the_prefix_and_their_own_tokens():
     )
     want = expected(q_last, k, v, prefix, own, [(i, int(t)) for i, t in enumerate(last)])
     torch.testing.assert_close(got.float().cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_heads_must_be_contiguous():
+    q = torch.zeros(4, 2, 16)
+    kv = torch.zeros(4, 16, 2).transpose(1, 2)  # heads strided by 1: not a projection's slice
+    with pytest.raises(ValueError, match="k must have contiguous heads"):
+        pa.prefix_attention(q, kv, kv, torch.zeros(1, 5, dtype=torch.int32), SCALE)

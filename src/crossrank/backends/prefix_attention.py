@@ -89,6 +89,9 @@ def prefix_attention(
     ``table`` (device ``int32 [blocks, 5]``, see the module docstring). ``last_rows``: the
     table is a :func:`last_row_table`. Rows no block covers are left unwritten."""
     rows, heads, dim = q.shape
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(1) != dim or t.stride(2) != 1:  # the kernel steps rows by stride(0) only
+            raise ValueError(f"{name} must have contiguous heads, strides {t.stride()}")
     out = q.new_empty(rows, heads, dim)
     block_m = _LAST_BLOCK_M if last_rows else BLOCK_M
     block_n = 64 if dim <= 128 else 32
