@@ -73,7 +73,7 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_model_dir):
             httpx.post(url + "/v2/rerank", json={"query": "q", "documents": ["d"]}).status_code
             == 401
         )
-        docs = [f"document {i} about the red planet and its iron oxide dust" for i in range(120)]
+        docs = [f"document {i} about the red planet and its iron oxide dust" for i in range(400)]
         finished: list[tuple[int, int, float]] = []
 
         def client() -> None:
