@@ -100,7 +100,7 @@ def prefix_attention(
         q, k, v, out, table,
         q.stride(0), k.stride(0), v.stride(0), out.stride(0),
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
-        GROUP=heads // k.shape[1], DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=heads // k.shape[1], DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, FIELDS=_FIELDS,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
@@ -129,13 +129,15 @@ if triton is not None:
     def _prefix_attention_jit(  # type: ignore[no-untyped-def]
         q, k, v, out, table, q_stride, k_stride, v_stride, o_stride, scale_log2,
         GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        FIELDS: tl.constexpr,
     ):  # fmt: skip
         block, head = tl.program_id(0), tl.program_id(1)
-        row0 = tl.load(table + block * 5)
-        rows = tl.load(table + block * 5 + 1)
-        pos0 = tl.load(table + block * 5 + 2)
-        kstart = tl.load(table + block * 5 + 3)
-        prefix = tl.load(table + block * 5 + 4)
+        fields = table + block * FIELDS
+        row0 = tl.load(fields)
+        rows = tl.load(fields + 1)
+        pos0 = tl.load(fields + 2)
+        kstart = tl.load(fields + 3)
+        prefix = tl.load(fields + 4)
         kv_head = head // GROUP
         m = tl.arange(0, BLOCK_M)
         n = tl.arange(0, BLOCK_N)
