@@ -72,12 +72,8 @@ def overlapped(recorder, batch_tokens: int, passes: int) -> tuple[np.ndarray, in
 def test_a_lone_request_is_queued_by_the_threads_that_tokenize_it(recorder) -> None:
     scores, forward_ran = overlapped(recorder, batch_tokens=10_000, passes=2)
     assert scores.tolist() == list(range(1000, 1008))
-    assert [(kind, n) for kind, n, _ in recorder.calls] == [
-        ("encode", 2),
-        ("submit", 2),
-        ("encode", 6),
-        ("submit", 6),
-    ]
+    assert [n for kind, n, _ in recorder.calls if kind == "encode"] == [2, 6]
+    assert [n for kind, n, _ in recorder.calls if kind == "submit"] == [2, 6]
     encoded_on = [t for kind, _, t in recorder.calls if kind == "encode"]
     queued_on = [t for kind, _, t in recorder.calls if kind == "submit"]
     assert queued_on == encoded_on  # each chunk queued where it was tokenized
@@ -154,3 +150,57 @@ def test_direct_passes_are_observed_and_a_failure_fails_only_its_request() -> No
     assert direct.tolist() == [10, 11, 12, 13, 14]
     assert queued.tolist() == [1, 2]
     assert seen == [(2, 8), (3, 12), (2, 8)]  # the failed pass is not counted
+
+
+def test_the_next_chunk_is_tokenized_while_the_first_is_queued(recorder) -> None:
+    """Chunk 2 is tokenized once chunk 1 is, not after chunk 1 is queued: here queueing chunk
+    1 waits until chunk 2's tokenization has begun (it would wait forever otherwise)."""
+    second_started = threading.Event()
+    queueing_waited: list[bool] = []
+
+    def encode(lo: int, hi: int) -> EncodedPairs:
+        if lo:
+            second_started.set()
+        return recorder.encode(lo, hi)
+
+    def submit(encoded: EncodedPairs):
+        if len(encoded) == 2:
+            queueing_waited.append(second_started.wait(timeout=10))
+        return recorder.submit(encoded)
+
+    with ForwardExecutor() as forward:
+        batcher = MicroBatcher(submit=submit, batch_tokens=10_000, packed=True, executor=forward)
+
+        async def main() -> np.ndarray:
+            request = batcher.submit_overlapped(encode, [2, 6])
+            return (await asyncio.gather(request, release(recorder.runner, 2)))[0]
+
+        scores = asyncio.run(main())
+    assert queueing_waited == [True]
+    assert scores.tolist() == list(range(1000, 1008))
+    assert [n for kind, n, _ in recorder.calls if kind == "encode"] == [2, 6]
+
+
+def test_a_failed_chunk_stops_the_chunks_after_it(recorder) -> None:
+    encodes: list[int] = []
+
+    def encode(lo: int, hi: int) -> EncodedPairs:
+        encodes.append(lo)
+        if lo == 2:
+            raise ValueError("document 2 is bad")
+        return recorder.encode(lo, hi)
+
+    with ForwardExecutor() as forward:
+        batcher = MicroBatcher(
+            submit=recorder.submit, batch_tokens=10_000, packed=True, executor=forward, depth=8
+        )
+
+        async def main() -> None:
+            release_all = asyncio.ensure_future(release(recorder.runner, 1))
+            with pytest.raises(ValueError, match="document 2"):
+                await batcher.submit_overlapped(encode, [2, 3, 4, 5])
+            await release_all
+            await until(lambda: not batcher.busy)
+
+        asyncio.run(main())
+    assert encodes == [0, 2]  # the chunks after the failed one were never tokenized
