@@ -300,7 +300,10 @@ class MicroBatcher:
         """Score pairs tokenized in chunks of ``sizes`` (``encode(lo, hi)`` gives one row per
         pair ``lo..hi-1``, run on ``executor``): chunk ``k + 1`` is tokenized as soon as
         chunk ``k`` is, while chunk ``k`` is queued and waits in the queue or on the device,
-        as the in-process call overlaps them. Raw float32 scores in pair order.
+        as the in-process call overlaps them. The chunks the device has room for
+        (``depth`` passes) are started at once; each later one once the one before is
+        queued, when it finds out whether it has room on the device or joins the queue
+        (merged with requests that arrived meanwhile). Raw float32 scores in pair order.
 
         When the queue is :attr:`busy` the pairs are tokenized in one chunk: the device has
         work to overlap with already, and one chunk is one tokenizer call and one request
@@ -309,12 +312,17 @@ class MicroBatcher:
         if self.busy:
             sizes = [sum(sizes)]
         cancelled = threading.Event()
-        chunks = [
+        steps = _in_turn(encode, sizes, cancelled)
+        room = max(1, self.depth - self._inflight - self._direct)
+        chunks = [  # as many as the device has room for, started at once
             asyncio.ensure_future(self._chunk(step, lo, hi, executor, cancelled))
-            for step, (lo, hi) in _in_turn(encode, sizes, cancelled)
+            for step, (lo, hi) in steps[:room]
         ]
         try:
             queued = [await chunk for chunk in chunks]
+            for step, (lo, hi) in steps[room:]:  # each once the one before is queued
+                chunks.append(asyncio.ensure_future(self._chunk(step, lo, hi, executor, cancelled)))
+                queued.append(await chunks[-1])
             parts = [await future for future in queued]
         except BaseException:
             cancelled.set()
@@ -353,8 +361,15 @@ class MicroBatcher:
             self._direct_done()
             return self._enqueue(encoded)
         scores: asyncio.Future[np.ndarray] = asyncio.wrap_future(waited, loop=loop)
-        scores.add_done_callback(lambda done: self._direct_finished(encoded, done))
-        return scores
+
+        async def observed() -> np.ndarray:
+            """The scores, once the pass is counted and observed (before the caller sees them)."""
+            try:
+                return await scores
+            finally:
+                self._direct_finished(encoded, scores)
+
+        return asyncio.ensure_future(observed())
 
     def _encode_and_queue(
         self,
