@@ -487,6 +487,12 @@ def periodic_run_end(text: str, pos: int) -> int:
     return end
 
 
+def _short(text: str, tokens: int) -> bool:
+    """Whether :func:`first_limit` would keep all of ``text`` even were every character
+    dense: then no scan is needed (most documents, whose cut is the room of a long prompt)."""
+    return len(text) * (CHARS_PER_TOKEN / DENSE_CHARS_PER_TOKEN) <= char_budget(tokens)
+
+
 Encode = Callable[[list[int], list[str]], list[Encoding]]
 """Encode the texts given (cut versions of the texts at the indices given)."""
 
@@ -504,7 +510,7 @@ def encode_cut(
     fewer than ``needs[i] + CUT_MARGIN_TOKENS`` is retried longer (:func:`next_limit`).
     """
     limits = [
-        len(text) if need is None else first_limit(text, need)
+        len(text) if need is None or _short(text, need) else first_limit(text, need)
         for text, need in zip(texts, needs, strict=True)
     ]
     out: list[Encoding | None] = [None] * len(texts)

@@ -90,7 +90,8 @@ class DecoderFamily:
         fields = [_fields(s) for s in self.segments]
         unknown = set().union(*fields) - _FIELDS
         holders = [i for i, f in enumerate(fields) if "document" in f]
-        if unknown or len(holders) != 1 or not self.segments[holders[0]].endswith("{document}"):
+        once = len(holders) == 1 and _names(self.segments[holders[0]]).count("document") == 1
+        if unknown or not once or not self.segments[holders[0]].endswith("{document}"):
             raise ValueError(
                 f"family {self.name!r}: one segment must end with {{document}} and fields must "
                 f"be among {sorted(_FIELDS)} (unknown: {sorted(unknown)})"
@@ -111,7 +112,11 @@ class DecoderFamily:
 
 
 def _fields(segment: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(segment) if name}
+    return set(_names(segment))
+
+
+def _names(segment: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(segment) if name]
 
 
 # Qwen3-Reranker (0.6B / 4B / 8B), from the model card's transformers recipe
@@ -266,6 +271,8 @@ class PromptTokenizer(PairTokenizer):
         self.answer_ids = answer_token_ids(family, tokenizer)
         # a call's instruction is counted once (server clients reuse a few instructions)
         self._template_counts = lru_cache(maxsize=256)(self._count_template)
+        # (instruction, query) -> _Frame; query_max_length is set before the first encode
+        self._frames_made: dict[tuple[str, str], _Frame] = {}
         self.special_tokens_in_pair = self._count_template(self.instruction)
         if query_max_length + self.special_tokens_in_pair >= max_length:
             raise ValueError(
@@ -321,11 +328,10 @@ class PromptTokenizer(PairTokenizer):
         documents = list(documents)  # surrogates are scrubbed after the cut
         if not documents:
             return EncodedPairs.concat([])
-        capped = self._capped(queries)[0]
-        chosen = self.instruction if instruction is None else instruction
+        frames = self._frames(queries, self.instruction if instruction is None else instruction)
 
         def chunk(lo: int, hi: int) -> EncodedPairs:
-            return self._flat(self._rows(capped[lo:hi], documents[lo:hi], chosen), None)
+            return self._rows(frames[lo:hi], documents[lo:hi])
 
         return EncodedPairs.concat(split_call(chunk, len(documents), cancel))
 
@@ -351,9 +357,8 @@ class PromptTokenizer(PairTokenizer):
         documents = list(documents)
         if not documents:
             return no_windows()
-        instruction = self.instruction if instruction is None else instruction
-        capped = self._capped(queries)[0]
-        fixed = [len(r) for r in self._rows(capped, [""] * len(capped), instruction)]
+        frames = self._frames(queries, self.instruction if instruction is None else instruction)
+        fixed = self._rows(frames, [""] * len(frames)).lengths.tolist()
         layouts = [window_layout(self.max_length - f, window_tokens, overlap) for f in fixed]
         need = None
         if max_windows is not None:
@@ -362,63 +367,88 @@ class PromptTokenizer(PairTokenizer):
         def chunk(lo: int, hi: int) -> EncodedPairs:
             docs = scrub_surrogates(documents[lo:hi])
             encodings = self._encode_texts(documents[lo:hi], need, offsets=True)
-            window_queries, window_texts, pair_index, spans = [], [], [], []
+            window_frames, window_texts, pair_index, spans = [], [], [], []
             for i, encoding in zip(range(lo, hi), encodings, strict=True):
                 offsets, (room, stride) = encoding.offsets, layouts[i]
                 for start, end in _windows(len(offsets), room, stride)[:max_windows]:
                     span = (offsets[start][0], offsets[end - 1][1]) if end else (0, 0)
                     whole = start == 0 and end == len(offsets)
-                    window_queries.append(capped[i])
+                    window_frames.append(frames[i])
                     window_texts.append(docs[i - lo] if whole else docs[i - lo][span[0] : span[1]])
                     pair_index.append(i)
                     spans.append(span)
-            flat = self._flat(self._rows(window_queries, window_texts, instruction), None)
             return replace(
-                flat,
+                self._rows(window_frames, window_texts),
                 pair_index=np.asarray(pair_index, dtype=np.int64),
                 spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
             )
 
         return EncodedPairs.concat(split_call(chunk, len(documents), cancel))
 
-    def _rows(self, queries: list[str], documents: list[str], instruction: str) -> list[list[int]]:
-        """Token ids of each pair's prompt: the pieces tokenized separately, the document
-        piece cut at its end to the room the others leave."""
-        family = self.family
-        doc_at = family.document_segment
-        fixed: dict[str, list[int]] = {}
-        heads, tails, doc_texts = [], [], []
-        for query, document in zip(queries, documents, strict=True):
+    def _frames(self, queries: list[str], instruction: str) -> list[_Frame]:
+        """Each pair's :class:`_Frame`, made once per distinct (instruction, query) (one
+        tokenizer call for the query caps, one for the template pieces, of all those not
+        made yet) and kept for later calls, up to ``_MAX_FRAMES``: a request's chunks share
+        their query, and made per chunk the two calls cost about as much as all the other
+        Python work of a 12-pair chunk."""
+        made, distinct = self._frames_made, dict.fromkeys(queries)
+        found = {q: f for q in distinct if (f := made.get((instruction, q))) is not None}
+        missing = [q for q in distinct if q not in found]
+        if missing:
             texts = [
-                s.format(instruction=instruction, query=query, document=document)
-                for s in family.segments
+                [
+                    s.format(instruction=instruction, query=q, document="")
+                    for s in self.family.segments
+                ]
+                for q in self._capped(missing)[0]
             ]
-            heads.append(texts[:doc_at])
-            tails.append(texts[doc_at + 1 :])
-            doc_texts.append(texts[doc_at])
-            for text in texts[:doc_at] + texts[doc_at + 1 :]:
-                fixed.setdefault(text, [])
-        texts = list(fixed)
-        for text, encoding in zip(
-            texts, self._encode_texts(texts, None, offsets=False), strict=True
-        ):
-            fixed[text] = encoding.ids
-        rows = []
-        rooms = []
-        for head, tail in zip(heads, tails, strict=True):
-            before = self._bos + [i for t in head for i in fixed[t]]
-            after = [i for t in tail for i in fixed[t]]
-            rows.append((before, after))
-            rooms.append(self.max_length - len(before) - len(after))
+            ids = self._fixed_ids({t for row in texts for t in row})
+            at = self.family.document_segment
+            if len(made) + len(missing) > _MAX_FRAMES:
+                made.clear()
+            for query, row in zip(missing, texts, strict=True):
+                before = self._bos + [i for t in row[:at] for i in ids[t]]
+                after = [i for t in row[at + 1 :] for i in ids[t]]
+                found[query] = made[(instruction, query)] = _Frame(before, row[at], after)
+        return [found[q] for q in queries]
+
+    def _fixed_ids(self, texts: set[str]) -> dict[str, list[int]]:
+        """Token ids of the template pieces ``texts``, each tokenized whole."""
+        ordered = list(texts)
+        encodings = self._encode_texts(ordered, None, offsets=False)
+        return {t: e.ids for t, e in zip(ordered, encodings, strict=True)}
+
+    def _rows(self, frames: list[_Frame], documents: list[str]) -> EncodedPairs:
+        """Each pair's prompt ids: its frame around its document piece, which is cut at its
+        end to the room the frame leaves."""
+        rooms = [self.max_length - len(f.before) - len(f.after) for f in frames]
         if min(rooms) < 1:
             bad = int(np.argmin(rooms))
             raise ValueError(f"pair {bad}: the prompt without its document exceeds max_length")
+        texts = [f.lead + d for f, d in zip(frames, documents, strict=True)]
         # exact in the first max(rooms) tokens (the document text is cut before tokenizing)
-        doc_ids = self._encode_texts(doc_texts, max(rooms), offsets=False)  # scrubs the cut
-        return [
-            before + encoding.ids[:room] + after
-            for (before, after), encoding, room in zip(rows, doc_ids, rooms, strict=True)
-        ]
+        encodings = self._encode_texts(texts, max(rooms), offsets=False)  # scrubs the cut
+        return self._flat(
+            [
+                f.before + e.ids[:room] + f.after
+                for f, e, room in zip(frames, encodings, rooms, strict=True)
+            ],
+            None,
+        )
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A prompt around its document: the ids of the pieces before and after the document
+    piece, and that piece's text before the document (the piece ends with ``{document}``)."""
+
+    before: list[int]
+    lead: str
+    after: list[int]
+
+
+#: Frames a :class:`PromptTokenizer` keeps (it starts over when full).
+_MAX_FRAMES = 256
 
 
 def _windows(tokens: int, room: int, stride: int) -> list[tuple[int, int]]:
