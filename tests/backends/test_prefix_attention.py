@@ -56,16 +56,11 @@ def expected(q, k, v, prefix: int, own: list[int], rows: list[tuple[int, int]]) 
         (5, [3, 70, 1, 9], 4, 2, 32, torch.float32),  # a sequence over one block of rows
         (0, [17, 4], 2, 1, 16, torch.float32),  # no shared prefix
         (66, [2, 5], 2, 2, 32, torch.float16),  # a prefix over one block of keys
-        (9, [40, 3], 8, 2, 32, torch.float32),  # groups of 4 heads: two programs each
         # bfloat16 on the GPU only: Triton's interpreter computes its dot products wrongly
         *([(9, [40, 3], 4, 1, 64, torch.bfloat16)] if DEVICE.type == "cuda" else []),
     ],
 )
-@pytest.mark.parametrize("heads_per_program", [1, 2])
-def test_full_layer_matches_attention_per_sequence(
-    prefix, own, heads, kv_heads, dim, dtype, heads_per_program, monkeypatch
-):
-    monkeypatch.setattr(pa, "HEADS_PER_PROGRAM", heads_per_program)
+def test_full_layer_matches_attention_per_sequence(prefix, own, heads, kv_heads, dim, dtype):
     torch.manual_seed(0)
     q, k, v = stream(prefix, own, heads, kv_heads, dim, dtype)
     starts = np.concatenate([[0], prefix + np.cumsum([0, *own[:-1]])])
@@ -79,9 +74,7 @@ def test_full_layer_matches_attention_per_sequence(
 
 
 @pytest.mark.usefixtures("interpret")
-@pytest.mark.parametrize("heads_per_program", [1, 2])
-def test_last_rows_see_the_prefix_and_their_own_tokens(heads_per_program, monkeypatch):
-    monkeypatch.setattr(pa, "HEADS_PER_PROGRAM", heads_per_program)
+def test_last_rows_see_the_prefix_and_their_own_tokens():
     torch.manual_seed(1)
     prefix, own = 7, [4, 1, 30]
     q, k, v = stream(prefix, own, 4, 2, 32, torch.float32)

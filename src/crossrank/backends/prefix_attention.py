@@ -29,19 +29,14 @@ padding (graph buckets) and compute nothing.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from torch import Tensor
 
 from crossrank.backends.fused import tl, triton, use_kernels
 
-BLOCK_M = 64  # query rows per program and head in the full layers
+BLOCK_M = 64  # query rows per program in the full layers
 _LAST_BLOCK_M = 16  # the last layer's blocks hold one row (each pair's last token)
 _FIELDS = 5
-#: Query heads of one key/value group that one program attends with, the keys and values
-#: loaded once for them (at most the group; 1: one program per head).
-HEADS_PER_PROGRAM = 2
 
 
 def block_table(
@@ -100,15 +95,13 @@ def prefix_attention(
     out = q.new_empty(rows, heads, dim)
     block_m = _LAST_BLOCK_M if last_rows else BLOCK_M
     block_n = 64 if dim <= 128 else 32
-    group = heads // k.shape[1]
-    paired = math.gcd(group, HEADS_PER_PROGRAM)
-    grid = (table.shape[0], heads // paired)
+    grid = (table.shape[0], heads)
     _prefix_attention_jit[grid](
         q, k, v, out, table,
         q.stride(0), k.stride(0), v.stride(0), out.stride(0),
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
-        GROUP=group, PAIRED=paired, DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        FIELDS=_FIELDS, num_warps=8 if paired * block_m >= 128 else 4, num_stages=2,
+        GROUP=heads // k.shape[1], DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, FIELDS=_FIELDS,
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
 
@@ -135,30 +128,26 @@ if triton is not None:
     @triton.jit
     def _prefix_attention_jit(  # type: ignore[no-untyped-def]
         q, k, v, out, table, q_stride, k_stride, v_stride, o_stride, scale_log2,
-        GROUP: tl.constexpr, PAIRED: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, FIELDS: tl.constexpr,
+        GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        FIELDS: tl.constexpr,
     ):  # fmt: skip
-        block, first_head = tl.program_id(0), tl.program_id(1) * PAIRED
+        block, head = tl.program_id(0), tl.program_id(1)
         fields = table + block * FIELDS
         row0 = tl.load(fields)
         rows = tl.load(fields + 1)
         pos0 = tl.load(fields + 2)
         kstart = tl.load(fields + 3)
         prefix = tl.load(fields + 4)
-        kv_head = first_head // GROUP
-        # the block's rows once per head of the program: row r is query row r % BLOCK_M of
-        # head first_head + r // BLOCK_M (the heads share keys, values and causal mask)
-        r = tl.arange(0, PAIRED * BLOCK_M)
-        m = r % BLOCK_M
+        kv_head = head // GROUP
+        m = tl.arange(0, BLOCK_M)
         n = tl.arange(0, BLOCK_N)
         d = tl.arange(0, DIM)[None, :]
         q_rows = (row0 + m).to(tl.int64)[:, None]
-        q_cols = (first_head + r // BLOCK_M)[:, None] * DIM + d
         q_live = (m < rows)[:, None]
-        qt = tl.load(q + q_rows * q_stride + q_cols, mask=q_live, other=0.0)
-        m_i = tl.full([PAIRED * BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([PAIRED * BLOCK_M], tl.float32)
-        acc = tl.zeros([PAIRED * BLOCK_M, DIM], tl.float32)
+        qt = tl.load(q + q_rows * q_stride + head * DIM + d, mask=q_live, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, DIM], tl.float32)
         kh, vh = k + kv_head * DIM, v + kv_head * DIM
         # while loops: Triton's interpreter (the tests) takes no loaded value as a range bound
         start = 0
@@ -181,4 +170,6 @@ if triton is not None:
             )  # fmt: skip
             start += BLOCK_N
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows saw no key
-        tl.store(out + q_rows * o_stride + q_cols, acc.to(out.dtype.element_ty), mask=q_live)
+        tl.store(
+            out + q_rows * o_stride + head * DIM + d, acc.to(out.dtype.element_ty), mask=q_live
+        )
