@@ -18,7 +18,10 @@ TFLOP/s of the causal work actually needed), the last layer's 38 against 77 us. 
 configurations tried, 64 query rows with 4 warps were the fastest (128-row blocks and 8 warps
 slower); 32 keys per step did 97 us, 64 (kept: the setting measured end to end) 104 us. End
 to end (engines alternating in one process, 120 requests each) a 1x50 request took 23.4 ms
-against 26.1 ms with the gathered flash path.
+against 26.1 ms with the gathered flash path. Tried and not kept: one program attending with
+both query heads of a key/value group (keys and values loaded once for the two; 128-row
+tiles, 8 warps): 116 against 105 us per layer, 38.5 against 41 us for the last, and 1x50 end
+to end 22.6 against 22.4 ms (engines alternating, a later session).
 
 The table (:func:`block_table`) has one row per block of at most ``BLOCK_M`` query rows of
 one sequence: ``(first query row, rows, own position of the first row, first own key row,
