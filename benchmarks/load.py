@@ -20,6 +20,8 @@ Examples::
 
 The server runs in its own process (as in production) unless ``--url`` is given. One
 client sends its requests one at a time on httpx's synchronous client (:func:`drive_lone`),
+back to back, then again pausing ``--think-ms`` between requests (the
+``latency_ms_p50_thinking_*`` figure: an application does other work between two reranks);
 several share one async client (:func:`drive`).
 
 Where a lone client's latency goes is reported in parts, each a p50 over the same 1x50
@@ -282,11 +284,13 @@ async def drive(
 
 
 def drive_lone(
-    url: str, work: list[tuple[str, list[str]]], max_seconds: float
+    url: str, work: list[tuple[str, list[str]]], max_seconds: float, think_s: float = 0.0
 ) -> tuple[list[float], int, int, float]:
     """:func:`drive` for one client, as a lone application calls a reranker: one request at a
     time on httpx's synchronous client (what the Cohere SDK and the LangChain and LlamaIndex
-    integrations use), which costs about 1 ms less per request than its async client."""
+    integrations use), which costs about 1 ms less per request than its async client;
+    ``think_s`` seconds between a response and the next request (an application does other
+    work, such as its LLM call, between two reranks)."""
     latencies: list[float] = []
     pairs = failures = 0
     deadline = time.monotonic() + max_seconds
@@ -302,6 +306,7 @@ def drive_lone(
                 pairs += len(docs)
             else:
                 failures += 1
+            time.sleep(think_s)
         return latencies, pairs, failures, time.perf_counter() - start
 
 
@@ -349,6 +354,13 @@ def main() -> None:
         help="sys.setswitchinterval for the server process (seconds; Python's default 0.005): "
         "how long a thread that wants the GIL waits before the holder must give it up.",
     )
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=10.0,
+        help="A lone client (--clients 1) is also timed pausing this long between a response "
+        "and its next request (0: not).",
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
@@ -389,6 +401,9 @@ def main() -> None:
                 url, work, args.clients, args.max_seconds
             )
             passes, pass_pairs, pass_tokens, cpu_s, full_gcs = server_counters(url) - before
+            thinking = []
+            if args.clients == 1 and args.think_ms > 0:
+                thinking = drive_lone(url, work, args.max_seconds, args.think_ms / 1000)[0]
         finally:
             if proc is not None:
                 proc.terminate()
@@ -418,6 +433,9 @@ def main() -> None:
         "inprocess_p50_ms": [round(x, 1) for x in single_ms] or None,  # before, after
         "lone_to_inprocess": round(float(np.percentile(lat, 50)) / float(np.mean(single_ms)), 3)
         if done and single_ms and args.clients == 1
+        else None,
+        f"latency_ms_p50_thinking_{args.think_ms:g}ms": round(p50_ms(thinking), 1)
+        if thinking
         else None,
         "inprocess_async_p50_ms": round(single_async_ms, 1) if single_async_ms else None,
         "http_floor_p50_ms": round(floor_ms, 1),
