@@ -31,10 +31,10 @@ Qwen3-Reranker-0.6B and bge-reranker-v2-gemma shapes, bf16; ``benchmarks/gpu_llm
 a bulk call and 1x50 calls (graph replays and eager passes) the packed scores are as close to
 the fp32 padded reference as the padded bf16 path is (0.6B: largest raw difference 0.0323 vs
 0.0324; gemma 1.18 vs 1.18), with and without the shared prefix, with the kernel or flash.
-Measured there (0.6B shape, XQuAD-R): 2,692 pairs/s at 61% MFU, 23-26 ms per 1x50 request
-(2,373 pairs/s and 26-33 ms with flash on gathered keys). A 1x50 request is the GPU's 16-17 ms
-for its ~8,800 tokens, GEMMs at ~700 TFLOP/s, plus the ~5 ms it takes to tokenize and queue a
-first chunk of 12 pairs. Tables: ``docs/benchmarks.md``.
+Measured there (0.6B shape, XQuAD-R, warmed up): 2,665 pairs/s at 61% MFU, 22.3 ms per 1x50
+request (2,399 pairs/s and 25.0 ms with flash on gathered keys). Of a 1x50 request's ~23 ms
+the GPU is busy 20 ms with its ~8,800 tokens (GEMMs at ~700 TFLOP/s), from ~3 ms in, once a
+first chunk of 12 pairs is tokenized and queued. Tables: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
