@@ -15,6 +15,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from crossrank.backends import decoder
 from crossrank.backends.decoder import (
     BGE_GEMMA,
     QWEN3,
@@ -156,6 +157,28 @@ def test_qwen3_prompt_ids_are_the_model_cards(tiny_qwen3_dir: Path):
     ]
     assert got == expected
     assert prompt.answer_ids == [tokenizer.convert_tokens_to_ids(t) for t in ("no", "yes")]
+
+
+def test_templates_kept_across_calls_give_the_model_cards_ids(tiny_qwen3_dir: Path, monkeypatch):
+    """The template around each (instruction, query) is kept for later calls (at most
+    ``_MAX_FRAMES``, then started over): calls that reuse it, calls with another
+    instruction, and calls after it was started over give the recipe's ids."""
+    monkeypatch.setattr(decoder, "_MAX_FRAMES", 2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    prompt = PromptTokenizer(tokenizer, QWEN3, max_length=8192, query_max_length=256)
+    pairs = all_pairs()
+    for instruction in (CARD_INSTRUCTION, "Find the answer", CARD_INSTRUCTION):
+        expected, _ = card_inputs(tokenizer, pairs, instruction, 8192)
+        for part in (pairs[:3], pairs, pairs[::-1]):
+            encoded = prompt.encode(
+                [q for q, _ in part], [d for _, d in part], instruction=instruction
+            )
+            got = [
+                encoded.ids[o : o + n].tolist()
+                for o, n in zip(encoded.offsets, encoded.lengths, strict=True)
+            ]
+            assert got == [expected[pairs.index(pair)] for pair in part]
+        assert len(prompt._frames_made) <= max(2, len(SAMPLE_QUERIES))  # bounded
 
 
 def test_truncation_cuts_only_the_document(tiny_qwen3_dir: Path):
