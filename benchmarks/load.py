@@ -33,7 +33,10 @@ server takes),
 ``http_floor_p50_ms`` (the same bodies sent to the server with ``top_n: 0``, which it reads,
 parses and refuses with a 422 without scoring: transport, JSON, validation and the client
 library), and the server's forward passes during the run (``passes``, ``pairs_per_pass``,
-``tokens_per_pass``, from its ``/metrics``: whether concurrent requests were merged), with
+``tokens_per_pass``, from its ``/metrics``: whether concurrent requests were merged), the
+mean time a request spent inside the server's app (``in_app_mean_ms``, from its request
+latency histogram, beside the client's mean, ``client_mean_ms``: the rest is transport and
+the client library), with
 the CPU it used (``server_cpu_cores``: CPU seconds per second of the run) and the full
 garbage collections it ran (``server_full_gcs``).
 """
@@ -180,6 +183,8 @@ COUNTERS = {
     "tokens": ("crossrank_batch_tokens_sum", {}),
     "cpu_s": ("process_cpu_seconds_total", {}),
     "full_gcs": ("python_gc_collections_total", {"generation": "2"}),
+    "in_app_s": ("crossrank_http_request_duration_seconds_sum", {"route": "/v2/rerank"}),
+    "in_app_n": ("crossrank_http_request_duration_seconds_count", {"route": "/v2/rerank"}),
 }
 
 
@@ -400,7 +405,8 @@ def main() -> None:
             latencies, pairs, failures, wall = run_clients(
                 url, work, args.clients, args.max_seconds
             )
-            passes, pass_pairs, pass_tokens, cpu_s, full_gcs = server_counters(url) - before
+            counted = server_counters(url) - before
+            passes, pass_pairs, pass_tokens, cpu_s, full_gcs, in_app_s, in_app_n = counted
             thinking = []
             if args.clients == 1 and args.think_ms > 0:
                 thinking = drive_lone(url, work, args.max_seconds, args.think_ms / 1000)[0]
@@ -439,6 +445,8 @@ def main() -> None:
         else None,
         "inprocess_async_p50_ms": round(single_async_ms, 1) if single_async_ms else None,
         "http_floor_p50_ms": round(floor_ms, 1),
+        "in_app_mean_ms": round(1000 * in_app_s / in_app_n, 1) if in_app_n else None,
+        "client_mean_ms": round(float(np.mean(lat)), 1) if done else None,
         "passes": int(passes),
         "pairs_per_pass": round(pass_pairs / passes, 1) if passes else None,
         "tokens_per_pass": round(pass_tokens / passes) if passes else None,
