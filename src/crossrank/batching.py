@@ -34,7 +34,7 @@ chunk: it is merged with the others' pairs anyway). Each chunk's tokenization st
 as the one before is tokenized, as in the in-process call, not once that one is queued and
 the event loop has come back to the request: on one H200 (``benchmarks/load.py --random
 full --device cuda --clients 1``) the async path took 17.6 ms for a 1x50 request against the
-in-process call's 16.5 ms before.
+in-process call's 16.5 ms before, 16.2 against 16.1-16.5 ms after.
 
 A chunk that finds room on the device (fewer than ``depth`` passes queued, no pairs waiting)
 is queued by the thread that tokenized it, as the in-process call does, not handed back to
