@@ -84,7 +84,7 @@ def request_split(engine: Reranker, pairs: list[tuple[str, str]]) -> Any:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             runner._forward(device_batch)
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
     return encoded, batch
 
 

@@ -62,6 +62,7 @@ from crossrank.backends.fused import HeadNorm, act_kind, gated_act, rope_heads
 from crossrank.backends.packed import (
     capture_cuda_graph,
     kv_heads_for_attention,
+    stage,
     varlen_attention,
 )
 from crossrank.backends.prefix_attention import (
@@ -302,6 +303,7 @@ class _DeviceBatch:
     max_q: int
     max_k: int
     host: tuple[list[int], list[int]] | None  # cu_q, cu_k on the host (CPU attention)
+    buffers: tuple[Tensor, Tensor]  # the int32 and int64 device buffers the above view
 
 
 _TOKEN_STEP = 256  # graph token buckets
@@ -358,17 +360,10 @@ def _pad_batch(batch: PrefixBatch, key: tuple[int, int, int, int, int]) -> Prefi
     )
 
 
-def _tensors(db: _DeviceBatch) -> list[Tensor]:
-    return [
-        db.ids, db.positions, db.cu_q, db.cu_k, db.cu_last, db.key_index, db.last, db.blocks,
-        db.last_blocks,
-    ]  # fmt: skip
-
-
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inputs: list[Tensor]  # the tensors the graph reads, refilled before each replay
+    inputs: tuple[Tensor, Tensor]  # the buffers the graph reads, refilled before each replay
     logits: Tensor  # the graph's output
 
 
@@ -459,8 +454,8 @@ class DecoderPackedRunner(Runner):
         on_cuda = self.device.type == "cuda"
 
         def put(arrays: list[np.ndarray], dtype: torch.dtype) -> Tensor:
-            host = torch.from_numpy(np.concatenate(arrays).astype(np.int64)).to(dtype)
-            return host.pin_memory().to(self.device, non_blocking=True) if on_cuda else host
+            host = stage(arrays, dtype, self.device)
+            return host.to(self.device, non_blocking=True) if on_cuda else host
 
         small = put(parts, torch.int32)
         index = put(big, torch.int64)
@@ -480,6 +475,7 @@ class DecoderPackedRunner(Runner):
             max_q=batch.max_q,
             max_k=batch.max_k,
             host=None if on_cuda else (batch.cu_q.tolist(), batch.cu_k.tolist()),
+            buffers=(small, index),
         )
 
     # ---- CUDA graphs
@@ -489,8 +485,9 @@ class DecoderPackedRunner(Runner):
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(batch, key)
+        # the same shape bucket lays its inputs out alike: refill the two buffers whole
         fresh = self._upload(batch, key)
-        for mine, new in zip(graph.inputs, _tensors(fresh), strict=True):
+        for mine, new in zip(graph.inputs, fresh.buffers, strict=True):
             mine.copy_(new, non_blocking=True)
         graph.graph.replay()
         # the next replay overwrites the graph's output: copy it (queued, in stream order)
@@ -504,7 +501,7 @@ class DecoderPackedRunner(Runner):
         logits = capture_cuda_graph(
             cuda_graph, lambda: self._forward(db), self.device, self._graph_pool
         )
-        graph = _Graph(cuda_graph, _tensors(db), logits)
+        graph = _Graph(cuda_graph, db.buffers, logits)
         self._graphs[key] = graph
         self.stats.graphs_captured += 1
         logger.debug("captured a CUDA graph for (tokens, keys, sequences, max_q, max_k)=%s", key)

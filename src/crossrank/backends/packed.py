@@ -71,6 +71,17 @@ class PackedOptions:
     fuse_residual: bool = True
 
 
+def stage(parts: list[np.ndarray], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Concatenate 1-D ``parts`` as ``dtype`` into one host buffer, pinned when ``device`` is
+    CUDA so that its upload is asynchronous (one allocation and one copy, no pinning of a
+    temporary). PyTorch's caching host allocator reuses a pinned block only once the copies
+    queued from it are done, so passes can be queued back to back."""
+    size = sum(int(p.shape[0]) for p in parts)
+    host = torch.empty(size, dtype=dtype, pin_memory=device.type == "cuda")
+    np.concatenate(parts, out=host.numpy(), casting="unsafe")
+    return host
+
+
 def unsupported_reason(model: PreTrainedModel) -> str | None:
     """Why the packed runner cannot run ``model`` (``None`` when it can)."""
     config = model.config
@@ -532,21 +543,12 @@ class PackedRunner(Runner):
         self.stats.eager_passes += 1
         return self._forward(self._upload(batch))
 
-    def _stage(self, parts: list[np.ndarray]) -> Tensor:
-        """Concatenate ``parts`` as int32 into a host buffer, pinned on CUDA so the upload is
-        asynchronous. PyTorch's caching host allocator reuses a pinned block only once the
-        copies queued from it are done, so passes can be queued back to back."""
-        size = sum(int(p.shape[0]) for p in parts)
-        host = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        np.concatenate(parts, out=host.numpy(), casting="unsafe")
-        return host
-
     def _upload(self, batch: PackedBatch) -> _DeviceBatch:
         t, b = batch.tokens, batch.pairs
         parts = [batch.ids, batch.positions, batch.cu_seqlens, np.arange(b + 1)]
         if batch.type_ids is not None:
             parts.append(batch.type_ids)
-        dev = self._stage(parts).to(self.device, non_blocking=True)
+        dev = stage(parts, torch.int32, self.device).to(self.device, non_blocking=True)
         on_cpu = self.device.type != "cuda"
         return _DeviceBatch(
             ids=dev[:t],
@@ -681,4 +683,4 @@ class PackedRunner(Runner):
         if self.typed:
             types = batch.type_ids if batch.type_ids is not None else np.zeros(t, np.int64)
             parts += [types, np.zeros(bucket - t, np.int64)]
-        graph.inputs.copy_(self._stage(parts), non_blocking=True)
+        graph.inputs.copy_(stage(parts, torch.int32, self.device), non_blocking=True)
