@@ -44,7 +44,9 @@ def to_results(
         order = order[scores[order] >= threshold]
     if top_n is not None:
         order = order[:top_n]
-    results = [RerankResult(int(i), float(scores[i]), documents[i]) for i in order]
+    # one conversion to Python ints and floats, not one numpy scalar per document
+    picked = zip(order.tolist(), scores[order].tolist(), strict=True)
+    results = [RerankResult(i, s, documents[i]) for i, s in picked]
     if spans is None:
         return results
     return [
