@@ -452,13 +452,10 @@ class DecoderPackedRunner(Runner):
         parts = [batch.ids, batch.positions, batch.cu_q, batch.cu_k, cu_last, *tables]
         big = [batch.key_index, batch.last]
         on_cuda = self.device.type == "cuda"
-
-        def put(arrays: list[np.ndarray], dtype: torch.dtype) -> Tensor:
-            host = stage(arrays, dtype, self.device)
-            return host.to(self.device, non_blocking=True) if on_cuda else host
-
-        small = put(parts, torch.int32)
-        index = put(big, torch.int64)
+        small, index = (
+            stage(arrays, dtype, self.device).to(self.device, non_blocking=True)
+            for arrays, dtype in ((parts, torch.int32), (big, torch.int64))
+        )
         t, n = batch.ids.shape[0], pairs + 2
         at = 2 * t + 3 * n
         blocks = small[at : at + batch.blocks.size].view(-1, batch.blocks.shape[1])
