@@ -33,6 +33,7 @@ padding (graph buckets) and compute nothing.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from crossrank.backends.fused import tl, triton, use_kernels
@@ -104,6 +105,8 @@ def prefix_attention(
         q.stride(0), k.stride(0), v.stride(0), out.stride(0),
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         GROUP=heads // k.shape[1], DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, FIELDS=_FIELDS,
+        # float32 in full precision (Triton's default rounds it to TF32 on the GPU)
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
@@ -114,25 +117,25 @@ if triton is not None:
     @triton.jit
     def _attend(  # type: ignore[no-untyped-def]
         qt, k, v, key_rows, key_live, seen, k_stride, v_stride, m_i, l_i, acc, scale_log2,
-        DIM: tl.constexpr,
+        DIM: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """One block of keys into the online softmax (``seen``: which scores count)."""
         d = tl.arange(0, DIM)[None, :]
         kt = tl.load(k + key_rows[:, None] * k_stride + d, mask=key_live[:, None], other=0.0)
-        s = tl.dot(qt, tl.trans(kt)) * scale_log2
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
         s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         vt = tl.load(v + key_rows[:, None] * v_stride + d, mask=key_live[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
     @triton.jit
     def _prefix_attention_jit(  # type: ignore[no-untyped-def]
         q, k, v, out, table, q_stride, k_stride, v_stride, o_stride, scale_log2,
         GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        FIELDS: tl.constexpr,
+        FIELDS: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         block, head = tl.program_id(0), tl.program_id(1)
         fields = table + block * FIELDS
@@ -159,7 +162,7 @@ if triton is not None:
             live = cols < prefix
             m_i, l_i, acc = _attend(
                 qt, kh, vh, cols.to(tl.int64), live, live[None, :], k_stride, v_stride,
-                m_i, l_i, acc, scale_log2, DIM,
+                m_i, l_i, acc, scale_log2, DIM, PRECISION,
             )  # fmt: skip
             start += BLOCK_N
         own_end = pos0 + rows
@@ -169,7 +172,7 @@ if triton is not None:
             seen = cols[None, :] <= (pos0 + m)[:, None]
             m_i, l_i, acc = _attend(
                 qt, kh, vh, (kstart + cols).to(tl.int64), cols < own_end, seen, k_stride,
-                v_stride, m_i, l_i, acc, scale_log2, DIM,
+                v_stride, m_i, l_i, acc, scale_log2, DIM, PRECISION,
             )  # fmt: skip
             start += BLOCK_N
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows saw no key
