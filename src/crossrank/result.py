@@ -58,7 +58,11 @@ def to_results(
 def sigmoid(raw: np.ndarray) -> np.ndarray:
     """Normalized float32 scores from raw ones: the probability that
     :class:`crossrank.Reranker` documents (sigmoid of the one logit, or the positive label's
-    softmax probability for two-label models, whose raw score is the logit difference)."""
-    import torch  # here, so that `import crossrank` stays free of torch
+    softmax probability for two-label models, whose raw score is the logit difference).
 
-    return torch.sigmoid(torch.from_numpy(raw)).numpy().astype(np.float32, copy=False)
+    In numpy, never overflowing (``exp`` of minus the magnitude only): torch's sigmoid gave
+    the same values (within a float32 rounding) but cost ~0.1 ms per server response on a
+    2-core CPU, its dispatch cold between requests, against ~0.01 ms here."""
+    x = np.asarray(raw, dtype=np.float32)
+    small = np.exp(-np.abs(x))  # in (0, 1]
+    return np.where(x >= 0, 1 / (1 + small), small / (1 + small)).astype(np.float32, copy=False)

@@ -1,4 +1,5 @@
-"""Connection-level defences for uvicorn: slow clients, oversized headers, leaky access logs.
+"""uvicorn's configuration, with connection-level defences: slow clients, oversized headers,
+leaky access logs.
 
 uvicorn closes an idle keep-alive connection after ``timeout_keep_alive`` and caps
 concurrency with ``limit_concurrency``, but it has no timeout for a client that connects and
@@ -11,6 +12,8 @@ the ASGI ``receive`` calls are visible.
 uvicorn's access log prints the request target with its query string, so a key sent as
 ``?api_key=...`` (refused, but logged) reached the log (fault 16): :class:`RedactQueryFilter`
 replaces the value of every credential-looking query parameter before the line is written.
+The line itself is written once the response is sent
+(:class:`~crossrank.server.middleware.AccessLogMiddleware`), not before its first byte.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
+import uvicorn
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from crossrank.server.middleware import AccessLogMiddleware
 from crossrank.server.settings import ServerSettings
 
 ACCESS_LOGGER = "uvicorn.access"
@@ -80,7 +86,8 @@ _TOO_LARGE_RESPONSE = (
 
 
 def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class with a header deadline and a header size cap.
+    """uvicorn's HTTP protocol class with a header deadline and a header size cap, and
+    without uvicorn's access log line (:class:`AccessLogMiddleware` writes it instead).
 
     From the moment a connection opens, or the first byte of a next request arrives on a
     kept-alive one, the request line and headers must be complete within
@@ -95,6 +102,10 @@ def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
     class GuardedHTTPProtocol(base):
         _header_deadline: asyncio.TimerHandle | None = None
         _header_bytes = 0
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.access_log = False  # the app's AccessLogMiddleware writes the line
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -147,11 +158,16 @@ def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
     return GuardedHTTPProtocol
 
 
-def uvicorn_config_options(settings: ServerSettings) -> dict[str, Any]:
-    """The ``uvicorn.Config`` keyword arguments that carry ``settings``' connection limits."""
-    return {
-        "http": guarded_protocol(settings),
-        "timeout_keep_alive": settings.timeout_keep_alive,
-        "limit_concurrency": settings.limit_concurrency,
-        "h11_max_incomplete_event_size": settings.max_header_bytes,
-    }
+def uvicorn_config(app: ASGIApp, settings: ServerSettings, **options: Any) -> uvicorn.Config:
+    """The ``uvicorn.Config`` serving ``app`` with ``settings``' connection limits (header,
+    body and keep-alive timeouts, concurrency, header size) and the access log written once
+    each response is sent; ``options`` are passed on (host, port, log level...)."""
+    return uvicorn.Config(
+        AccessLogMiddleware(app, logger=logging.getLogger(ACCESS_LOGGER)),
+        http=guarded_protocol(settings),
+        # uvicorn takes any number of seconds here, though it annotates an int
+        timeout_keep_alive=settings.timeout_keep_alive,  # type: ignore[arg-type]
+        limit_concurrency=settings.limit_concurrency,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        **options,
+    )

@@ -3,7 +3,9 @@
 Every text a response echoes is scrubbed of lone UTF-16 surrogates first (they become
 U+FFFD, exactly what was scored): a surrogate can arrive in a JSON string (``"\\ud800"``) but
 cannot be encoded as UTF-8, and echoing it made every route answer 500 (issue 13, fault 2).
-:class:`SafeJSONResponse` applies the same rule to any other body as a last resort.
+:class:`SafeJSONResponse` applies the same rule to any other body (errors, and routes without
+a response model) as a last resort; response models are serialized by pydantic-core, which
+would refuse a surrogate, so every text they echo is scrubbed here.
 """
 
 from __future__ import annotations

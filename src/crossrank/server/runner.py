@@ -2,8 +2,8 @@
 
 On SIGINT/SIGTERM uvicorn stops accepting connections, lets in-flight requests finish, then
 runs the app's shutdown (which stops the forward-pass worker). The settings' connection
-limits (header, body and keep-alive timeouts, concurrency, header size) are applied to
-uvicorn here; see :mod:`crossrank.server.connections`.
+limits (header, body and keep-alive timeouts, concurrency, header size) and the access log
+are applied to uvicorn here; see :mod:`crossrank.server.connections`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import httpx
 import uvicorn
 
 from crossrank.server.app import RerankerSource, create_app
-from crossrank.server.connections import install_access_log_redaction, uvicorn_config_options
+from crossrank.server.connections import install_access_log_redaction, uvicorn_config
 from crossrank.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -42,9 +42,7 @@ def run_server(
             server.should_exit = True
 
     app = create_app(reranker_or_factory, settings, on_load_error=stop, on_ready=freeze_heap)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, **uvicorn_config_options(settings)
-    )
+    config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level)
     install_access_log_redaction()  # after uvicorn configured its loggers
     server = uvicorn.Server(config)
     logger.info("API key auth is %s", "on" if settings.api_key else "off")
@@ -84,10 +82,15 @@ class BackgroundServer:
         log_level: str = "warning",
         settings: ServerSettings | None = None,
     ) -> None:
-        options = uvicorn_config_options(settings or ServerSettings())
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **options)
+        config = uvicorn_config(
+            app,
+            settings or ServerSettings(),
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="on",
         )
+        self.server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self.server.run, name="crossrank-server", daemon=True
         )
