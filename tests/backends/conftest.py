@@ -37,6 +37,14 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "INTERPRET_ON_CPU", True)
 
 
+@pytest.fixture
+def interpret_on_cpu(interpret: None) -> None:
+    """For a runner on CPU through the kernels: only where Triton interprets them (on a CUDA
+    host they run on the GPU, and a CPU runner takes its plain PyTorch path instead)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a CPU runner takes the kernels only through Triton's interpreter")
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_config() -> Callable[..., BertConfig]:
     """Build the tiny BERT config; keyword arguments override or add config fields."""

@@ -1,5 +1,6 @@
 """The packed decoder runner (CPU code path) against the padded reference runner, with and
-without the shared-prefix computation."""
+without the shared-prefix computation; on a CUDA device, its CUDA-graph replays against its
+eager passes."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def test_graph_layout_gives_the_same_logits(
     real pairs' logits unchanged; checked through the CPU attention path, and through the
     shared-prefix kernel (Triton's interpreter)."""
     if kernel:
-        request.getfixturevalue("interpret")
+        request.getfixturevalue("interpret_on_cpu")
     prompt, _, packed, _ = runners(tiny_qwen3_dir, QWEN3)
     assert packed.prefix_kernel == kernel
     encoded = prompt.encode(*make_pairs())
@@ -144,3 +145,25 @@ def test_runner_choice_on_cpu(tiny_qwen3_dir: Path):
     assert isinstance(choose_decoder_runner(*args, False), DecoderPaddedRunner)
     assert isinstance(choose_decoder_runner(*args, True), DecoderPackedRunner)
     assert "bfloat16" in (unsupported_reason(model, torch.device("cuda")) or "")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replays_give_the_eager_logits(tiny_qwen3_dir: Path):
+    """Passes through captured graphs, one bucket replayed with other pairs than it was
+    captured with, give the eager passes' logits: the graph's inputs are refilled each time."""
+    prompt, *_ = runners(tiny_qwen3_dir, QWEN3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.bfloat16).cuda()
+    cuda = torch.device("cuda")
+    graphed = DecoderPackedRunner(model.eval(), cuda, QWEN3, prompt.answer_ids)
+    eager = DecoderPackedRunner(model, cuda, QWEN3, prompt.answer_ids, cuda_graphs=False)
+    outputs = []
+    for docs in (SAMPLE_DOCUMENTS[:3], SAMPLE_DOCUMENTS[1:4], SAMPLE_DOCUMENTS[:3][::-1]):
+        encoded = prompt.encode([SAMPLE_QUERIES[1]] * 3, docs)
+        outputs.append(graphed.run(encoded))
+        np.testing.assert_allclose(outputs[-1], eager.run(encoded), atol=2e-2)
+    assert graphed.stats.graph_passes == 3 and graphed.stats.graphs_captured < 3
+    assert eager.stats.graph_passes == 0
+    # the passes differ by more than the tolerance: stale inputs would have been caught
+    assert (
+        np.abs(outputs[0] - outputs[2][::-1]).max() < 2e-2 < np.abs(outputs[0] - outputs[1]).max()
+    )

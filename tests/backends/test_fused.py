@@ -109,7 +109,7 @@ def test_act_kind_recognises_only_the_fused_activations():
     assert fused.act_kind(torch.relu) is None
 
 
-@pytest.mark.usefixtures("interpret")
+@pytest.mark.usefixtures("interpret_on_cpu")
 @pytest.mark.parametrize(("model", "family"), [("qwen3", QWEN3), ("gemma", BGE_GEMMA)])
 def test_packed_runner_through_the_kernels(
     model: str, family, tiny_qwen3_dir: Path, tiny_gemma_dir: Path

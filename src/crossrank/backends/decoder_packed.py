@@ -444,19 +444,9 @@ class DecoderPackedRunner(Runner):
         self, batch: PrefixBatch, pad_to: tuple[int, int, int, int, int] | None = None
     ) -> _DeviceBatch:
         """Device tensors of ``batch`` (padded to a graph's shape when ``pad_to`` is given)."""
-        if pad_to is not None:
-            batch = _pad_batch(batch, pad_to)
-        pairs = len(batch.last)
-        cu_last = np.concatenate([[0], np.arange(pairs + 1)])
-        tables = [batch.blocks.ravel(), batch.last_blocks.ravel()]
-        parts = [batch.ids, batch.positions, batch.cu_q, batch.cu_k, cu_last, *tables]
-        big = [batch.key_index, batch.last]
-        on_cuda = self.device.type == "cuda"
-        small, index = (
-            stage(arrays, dtype, self.device).to(self.device, non_blocking=True)
-            for arrays, dtype in ((parts, torch.int32), (big, torch.int64))
-        )
-        t, n = batch.ids.shape[0], pairs + 2
+        batch, staged = self._stage(batch, pad_to)
+        small, index = (host.to(self.device, non_blocking=True) for host in staged)
+        t, n = batch.ids.shape[0], len(batch.last) + 2
         at = 2 * t + 3 * n
         blocks = small[at : at + batch.blocks.size].view(-1, batch.blocks.shape[1])
         return _DeviceBatch(
@@ -471,8 +461,25 @@ class DecoderPackedRunner(Runner):
             last=index[batch.key_index.shape[0] :],
             max_q=batch.max_q,
             max_k=batch.max_k,
-            host=None if on_cuda else (batch.cu_q.tolist(), batch.cu_k.tolist()),
+            host=None if self.device.type == "cuda" else (batch.cu_q.tolist(), batch.cu_k.tolist()),
             buffers=(small, index),
+        )
+
+    def _stage(
+        self, batch: PrefixBatch, pad_to: tuple[int, int, int, int, int] | None
+    ) -> tuple[PrefixBatch, tuple[Tensor, Tensor]]:
+        """``batch`` (padded when ``pad_to`` is given) and its two host buffers (int32 and
+        int64), laid out as :meth:`_upload` views them: what a graph's inputs are refilled
+        with."""
+        if pad_to is not None:
+            batch = _pad_batch(batch, pad_to)
+        cu_last = np.concatenate([[0], np.arange(len(batch.last) + 1)])
+        tables = [batch.blocks.ravel(), batch.last_blocks.ravel()]
+        parts = [batch.ids, batch.positions, batch.cu_q, batch.cu_k, cu_last, *tables]
+        big = [batch.key_index, batch.last]
+        return batch, (
+            stage(parts, torch.int32, self.device),
+            stage(big, torch.int64, self.device),
         )
 
     # ---- CUDA graphs
@@ -482,10 +489,11 @@ class DecoderPackedRunner(Runner):
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(batch, key)
-        # the same shape bucket lays its inputs out alike: refill the two buffers whole
-        fresh = self._upload(batch, key)
-        for mine, new in zip(graph.inputs, fresh.buffers, strict=True):
-            mine.copy_(new, non_blocking=True)
+        # the same shape bucket lays its inputs out alike: refill the two buffers whole,
+        # straight from the staged (pinned) host buffers
+        _, staged = self._stage(batch, key)
+        for mine, host in zip(graph.inputs, staged, strict=True):
+            mine.copy_(host, non_blocking=True)
         graph.graph.replay()
         # the next replay overwrites the graph's output: copy it (queued, in stream order)
         return graph.logits[: len(batch.last)].clone()
