@@ -38,7 +38,10 @@ mean time a request spent inside the server's app (``in_app_mean_ms``, from its 
 latency histogram, beside the client's mean, ``client_mean_ms``: the rest is transport and
 the client library), with
 the CPU it used (``server_cpu_cores``: CPU seconds per second of the run) and the full
-garbage collections it ran (``server_full_gcs``).
+garbage collections it ran (``server_full_gcs``), and the event loop and HTTP parser it ran
+on (``server_stack``). The before/after in-process figures are minutes apart from the
+client's; ``interleaved_lone_to_inprocess`` times both sides in ``--rounds`` alternating
+rounds instead (:func:`interleaved`), so that the machine's drift cancels out.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import importlib.util
 import json
 import os
 import random
@@ -55,6 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -134,15 +139,50 @@ def warm_up(reranker: Reranker, work: list[tuple[str, list[str]]]) -> None:
         reranker.score(query, docs)
 
 
-def inprocess_p50_ms(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
-    """Median latency of one request (``Reranker.score``) in-process: what a lone HTTP client's
+def inprocess_times(reranker: Reranker, work: list[tuple[str, list[str]]]) -> list[float]:
+    """Latency of each request (``Reranker.score``) in-process: what a lone HTTP client's
     latency is compared with."""
     times = []
     for query, docs in work:
         start = time.perf_counter()
         reranker.score(query, docs)
         times.append(time.perf_counter() - start)
-    return p50_ms(times)
+    return times
+
+
+def inprocess_p50_ms(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
+    return p50_ms(inprocess_times(reranker, work))
+
+
+def interleaved(
+    reranker: Reranker, url: str, work: list[tuple[str, list[str]]], rounds: int, max_s: float
+) -> dict[str, Any]:
+    """A lone client against the in-process call in alternating rounds over the same requests
+    (the in-process engine idle while the server answers, the server idle while it scores):
+    the machine's drift over a run (one lease slowed by a fifth within minutes) weighs on both
+    sides alike, unlike the before/after in-process figures around the server's run."""
+    lone: list[float] = []
+    inprocess: list[float] = []
+    per_round = []
+    for _ in range(rounds):
+        here = inprocess_times(reranker, work)
+        there = drive_lone(url, work, max_s)[0]
+        inprocess += here
+        lone += there
+        per_round.append(round(p50_ms(there) / p50_ms(here), 3))
+    return {
+        "interleaved_lone_p50_ms": round(p50_ms(lone), 2),
+        "interleaved_inprocess_p50_ms": round(p50_ms(inprocess), 2),
+        "interleaved_lone_to_inprocess": round(p50_ms(lone) / p50_ms(inprocess), 3),
+        "interleaved_rounds": per_round,
+    }
+
+
+def server_stack() -> str:
+    """The event loop and HTTP parser uvicorn picks in this environment (``auto``), which a
+    server started here shares: ``crossrank[server]`` installs uvloop and httptools."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{loop}/{'httptools' if importlib.util.find_spec('httptools') else 'h11'}"
 
 
 def inprocess_async_p50_ms(reranker: Reranker, work: list[tuple[str, list[str]]]) -> float:
@@ -366,6 +406,13 @@ def main() -> None:
         help="A lone client (--clients 1) is also timed pausing this long between a response "
         "and its next request (0: not).",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="A lone client (--clients 1) is also timed against the in-process call in this "
+        "many alternating rounds over all requests (0: not).",
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
@@ -410,6 +457,9 @@ def main() -> None:
             thinking = []
             if args.clients == 1 and args.think_ms > 0:
                 thinking = drive_lone(url, work, args.max_seconds, args.think_ms / 1000)[0]
+            alternating = {}
+            if args.clients == 1 and args.rounds > 0 and reranker is not None:
+                alternating = interleaved(reranker, url, work, args.rounds, args.max_seconds)
         finally:
             if proc is not None:
                 proc.terminate()
@@ -452,6 +502,8 @@ def main() -> None:
         "tokens_per_pass": round(pass_tokens / passes) if passes else None,
         "server_cpu_cores": round(cpu_s / wall, 2),  # CPU seconds per second of the run
         "server_full_gcs": int(full_gcs),
+        "server_stack": None if args.url else server_stack(),
+        **alternating,
     }
     if args.json:
         print(json.dumps(report), flush=True)
