@@ -29,6 +29,19 @@ from crossrank.server.metrics import ServerMetrics
 UNAUTHORIZED_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
 
 
+class _StatusNotingSend:
+    """An ASGI ``send`` that notes the response's status (``None`` until it starts)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status: int | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+        await self._send(message)
+
+
 class MetricsMiddleware:
     """Count requests by route and status, time them and track how many are in flight."""
 
@@ -43,22 +56,16 @@ class MetricsMiddleware:
             return
         path = scope["path"]
         route = path if path in self.routes else "other"  # bounded label cardinality
-        status = 500  # what the client sees if the app raises before responding
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        noted = _StatusNotingSend(send)
         start = time.perf_counter()
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_and_record)
+            await self.app(scope, receive, noted)
         finally:
             self.metrics.in_flight.dec()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(route, str(status)).inc()
+            # 500: what the client sees if the app raises before responding
+            self.metrics.requests.labels(route, str(noted.status or 500)).inc()
 
 
 class AccessLogMiddleware:
@@ -82,18 +89,11 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status: int | None = None
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        noted = _StatusNotingSend(send)
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive, noted)
         finally:
-            if status is not None and self.logger.isEnabledFor(logging.INFO):
+            if noted.status is not None and self.logger.isEnabledFor(logging.INFO):
                 http_scope = cast("HTTPScope", scope)
                 self.logger.info(
                     '%s - "%s %s HTTP/%s" %d',
@@ -101,7 +101,7 @@ class AccessLogMiddleware:
                     scope["method"],
                     get_path_with_query_string(http_scope),
                     scope["http_version"],
-                    status,
+                    noted.status,
                 )
 
 
