@@ -21,10 +21,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from crossrank.server.metrics import ServerMetrics
+
 if TYPE_CHECKING:
     from uvicorn._types import HTTPScope
-
-from crossrank.server.metrics import ServerMetrics
 
 UNAUTHORIZED_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
 
@@ -73,8 +73,8 @@ class AccessLogMiddleware:
 
     uvicorn writes the line itself before the response's first byte, on the event loop: the
     formatting and the write of the log record delayed every response (0.26 ms per 1x50
-    request on a 2-core CPU, the engine's scoring stubbed, with the JSON serialization
-    change of that session; ``docs/benchmarks.md``). The line is the same (same logger,
+    request on a 2-core CPU with the engine's scoring stubbed; ``docs/benchmarks.md``,
+    issue 14 section). The line is the same (same logger,
     ``uvicorn.access``, same arguments, so uvicorn's formatter, its log configuration and
     :class:`~crossrank.server.connections.RedactQueryFilter` apply as before); uvicorn's own
     is switched off by the protocol of :func:`~crossrank.server.connections.uvicorn_config`.
